@@ -1,0 +1,176 @@
+"""Typed configuration of a pipeline run, validated from ``params.yaml``.
+
+``params.yaml`` is grouped by stage, the way ``dvc.yaml`` reads it:
+
+* ``seed``: the seed of every random choice (data sampling, initialisation, batching).
+* ``models``: which preset of frozen encoders and LLM the ``models`` stage materialises.
+* ``stream``: the task stream in training order. Each task names the task trained before
+  it in ``after`` (``init`` for the first one) so that ``dvc.yaml`` can chain the
+  per-task stages, and carries its own ``data`` and ``train`` settings, so that changing
+  one task re-runs that task and the later ones only.
+* ``drape``: the method's architecture and its continual-learning settings.
+* ``evaluate``: decoding settings of the evaluation stages.
+* ``tracking``: where MLflow records runs.
+
+Errors name the key path (``stream.digits.train.epochs``) and the allowed values.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from drape.methods.drape.config import DrapeConfig
+
+logger = logging.getLogger(__name__)
+
+# Name of the state before the first task: the freshly initialised projector, no
+# prototypes and no null-space constraint.
+INIT_STAGE = "init"
+
+
+class ConfigError(ValueError):
+    """An invalid ``params.yaml``; the message names the file, the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelsConfig(_Section):
+    preset: Literal["embedded", "tiny"] = "embedded"
+    """``embedded``: SmolLM2-135M-Instruct and the EfficientNet-Lite0/MiniLM open_clip
+    model, real pretrained weights shipped in packages. ``tiny``: randomly initialised
+    models of the same classes, for plumbing tests."""
+    patch_grid: int = Field(4, ge=1, le=16)
+    """The vision trunk's final feature map is average-pooled to a grid of this side,
+    so each image gives ``patch_grid**2`` visual tokens."""
+
+
+class TaskDataConfig(_Section):
+    kind: str
+    """A task kind of ``drape.data.stream`` (image source, instruction and scorer)."""
+    n_train: int = Field(ge=1)
+    n_test: int = Field(ge=1)
+
+
+class TaskTrainConfig(_Section):
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)
+    generator_lr: float = Field(1e-3, gt=0)
+    projector_lr: float = Field(1e-4, ge=0)
+    """0 freezes the shared projector while this task trains."""
+    weight_decay: float = Field(0.0, ge=0)
+    max_steps: int | None = Field(None, ge=1)
+    """Stops training after this many optimizer steps (None: run all epochs)."""
+
+
+class TaskConfig(_Section):
+    after: str
+    """The task trained just before this one, or ``init`` for the first task."""
+    data: TaskDataConfig
+    train: TaskTrainConfig = TaskTrainConfig()
+
+
+class EvaluateConfig(_Section):
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(6, ge=1)
+
+
+class TrackingConfig(_Section):
+    mlflow_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "drape-mini-stream"
+
+
+class PipelineConfig(_Section):
+    seed: int = 0
+    method: Literal["drape"] = "drape"
+    models: ModelsConfig = ModelsConfig()
+    stream: dict[str, TaskConfig]
+    drape: DrapeConfig = DrapeConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("stream")
+    @classmethod
+    def _stream_is_chained(cls, stream: dict[str, TaskConfig]) -> dict[str, TaskConfig]:
+        if not stream:
+            raise ValueError("the stream needs at least one task")
+        previous = INIT_STAGE
+        for name, task in stream.items():
+            if name == INIT_STAGE:
+                raise ValueError(f"'{INIT_STAGE}' is reserved for the state before the first task")
+            if task.after != previous:
+                raise ValueError(
+                    f"stream.{name}.after is '{task.after}' but must be '{previous}', "
+                    "the task listed just before it"
+                )
+            previous = name
+        return stream
+
+    @property
+    def task_names(self) -> list[str]:
+        """The tasks in training order."""
+        return list(self.stream)
+
+    def task(self, name: str) -> TaskConfig:
+        """Return task ``name``'s settings; raise ConfigError for a task not in the stream."""
+        if name not in self.stream:
+            raise ConfigError(
+                f"unknown task '{name}'; the stream in params.yaml has: {', '.join(self.stream)}"
+            )
+        return self.stream[name]
+
+
+def _format_validation_error(path: Path, error: ValidationError) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "literal_error":
+            allowed = item.get("ctx", {}).get("expected", "")
+            message = f"got {item['input']!r}; allowed values: {allowed}"
+        elif item["type"] == "extra_forbidden":
+            message = "unknown key; remove it or check its spelling"
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict[str, Any], path: Path = Path("params.yaml")) -> PipelineConfig:
+    """Validate a parsed ``params.yaml`` mapping; raise ConfigError naming each bad key."""
+    try:
+        config = PipelineConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(path, error)) from None
+
+    # Task kinds live in the data package; checking them here makes a typo fail before
+    # any stage runs rather than in the middle of the stream.
+    from drape.data.stream import TASK_KINDS
+
+    for name, task in config.stream.items():
+        if task.data.kind not in TASK_KINDS:
+            raise ConfigError(
+                f"{path}: stream.{name}.data.kind: got '{task.data.kind}'; "
+                f"allowed values: {', '.join(sorted(TASK_KINDS))}"
+            )
+    return config
+
+
+def load_config(path: Path | str = "params.yaml") -> PipelineConfig:
+    """Read and validate ``params.yaml``."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found; run from the repository root or pass --params") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return parse_config(raw, path)

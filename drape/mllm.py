@@ -1,0 +1,149 @@
+"""The frozen LLM with visual and soft-prompt tokens spliced into its chat template.
+
+Every method feeds the LLM the same way: a user turn whose content starts with a block of
+continuous embeddings (soft prompts, then visual tokens) followed by the instruction
+tokens, and an assistant turn holding the answer. Loss is cross-entropy on the answer
+tokens (and the end-of-turn token) only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+SYSTEM_PROMPT = "Answer the question about the image briefly."
+_CONTENT_MARK = "\u2063CONTENT\u2063"
+
+
+@dataclass
+class LLMBatch:
+    inputs_embeds: torch.Tensor  # (B, S, d_llm)
+    attention_mask: torch.Tensor  # (B, S)
+    labels: torch.Tensor | None  # (B, S), IGNORE_INDEX outside the answer
+
+
+class FrozenLLM(nn.Module):
+    """A causal LLM whose weights never train, with the chat template split around the user content."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.model.eval()
+
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": _CONTENT_MARK}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        before, after = rendered.split(_CONTENT_MARK)
+        self.prefix_ids = tokenizer(before, add_special_tokens=False)["input_ids"]
+        self.suffix_ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the LLM's tokenizer has no end-of-sequence token; it cannot mark the answer's end")
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+
+    def train(self, mode: bool = True) -> FrozenLLM:
+        # The LLM stays in eval mode (no dropout) whatever the caller's mode is.
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().embedding_dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def embed_ids(self, ids: list[int]) -> torch.Tensor:
+        """Embed token ids with the frozen embedding table: (len(ids), d_llm)."""
+        table = self.model.get_input_embeddings()
+        return table(torch.tensor(ids, dtype=torch.long, device=self.device))
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+    def embed_instructions(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed a batch of instructions, right-padded: (B, T, d_llm) and a (B, T) bool mask."""
+        ids = self.tokenize(instructions)
+        length = max(1, max(len(row) for row in ids))
+        padded = torch.full((len(ids), length), self.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(ids), length), dtype=torch.bool, device=self.device)
+        for i, row in enumerate(ids):
+            padded[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = True
+        return self.model.get_input_embeddings()(padded), mask
+
+    def build_batch(
+        self,
+        content_embeds: torch.Tensor,
+        instructions: list[str],
+        answers: list[str] | None = None,
+    ) -> LLMBatch:
+        """Assemble the LLM input around ``content_embeds`` (B, K, d_llm).
+
+        With ``answers`` the sequences are right-padded and carry labels for training.
+        Without, they are left-padded and end at the assistant turn, ready for generation.
+        """
+        batch = content_embeds.shape[0]
+        assert len(instructions) == batch, f"{len(instructions)} instructions for {batch} samples"
+        prefix = self.embed_ids(self.prefix_ids)
+        suffix = self.embed_ids(self.suffix_ids)
+        instruction_ids = self.tokenize(instructions)
+        answer_ids = self.tokenize(answers) if answers is not None else None
+
+        sequences, label_rows = [], []
+        for i in range(batch):
+            parts = [prefix, content_embeds[i], self.embed_ids(instruction_ids[i]) if instruction_ids[i] else None, suffix]
+            labels = [IGNORE_INDEX] * (len(self.prefix_ids) + content_embeds.shape[1] + len(instruction_ids[i]) + len(self.suffix_ids))
+            if answer_ids is not None:
+                target = answer_ids[i] + [self.eos_id]
+                parts.append(self.embed_ids(target))
+                labels += target
+            sequences.append(torch.cat([part for part in parts if part is not None]))
+            label_rows.append(labels)
+
+        length = max(seq.shape[0] for seq in sequences)
+        embeds = content_embeds.new_zeros((batch, length, content_embeds.shape[-1]))
+        mask = torch.zeros((batch, length), dtype=torch.long, device=content_embeds.device)
+        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=content_embeds.device)
+        left_pad = answers is None
+        for i, seq in enumerate(sequences):
+            span = slice(length - seq.shape[0], length) if left_pad else slice(0, seq.shape[0])
+            embeds[i, span] = seq
+            mask[i, span] = 1
+            labels[i, span] = torch.tensor(label_rows[i], dtype=torch.long)
+        return LLMBatch(embeds, mask, labels if answers is not None else None)
+
+    def loss(self, content_embeds: torch.Tensor, instructions: list[str], answers: list[str]) -> torch.Tensor:
+        """Mean cross-entropy over the answer tokens of the batch."""
+        batch = self.build_batch(content_embeds, instructions, answers)
+        output = self.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, labels=batch.labels)
+        return output.loss
+
+    @torch.no_grad()
+    def generate(self, content_embeds: torch.Tensor, instructions: list[str], max_new_tokens: int) -> list[str]:
+        """Greedy-decode an answer for each sample."""
+        batch = self.build_batch(content_embeds, instructions)
+        # generate() derives position ids from the attention mask, so left padding is safe.
+        output = self.model.generate(
+            inputs_embeds=batch.inputs_embeds,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id,
+        )
+        return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]

@@ -1,0 +1,144 @@
+"""The report stage: accuracy matrix, continual-learning metrics, plots and the MLflow run.
+
+Writes into ``results/report/``:
+
+* ``metrics.json``: MFN, MFT, MAA, BWT, forgetting, routing accuracy, projector drift;
+* ``matrix.csv``: the accuracy matrix, readable by ``drape metrics --matrix``;
+* ``heatmap.png``: the matrix as a heatmap;
+* ``routing.csv``: true and routed task of every test sample after the last task
+  (the routing confusion matrix, for ``dvc plots``);
+* ``average.csv``: mean accuracy over the tasks seen so far after each stage.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from drape.metrics import AccuracyMatrix, compute_metrics, format_matrix, write_matrix_csv
+from drape.nullspace import relative_change
+
+logger = logging.getLogger(__name__)
+
+
+def read_stage_scores(eval_dir: Path, stream: list[str]) -> AccuracyMatrix:
+    """Assemble the accuracy matrix from the evaluation stages' ``scores.json`` files."""
+    values = np.full((len(stream), len(stream)), np.nan)
+    for t, stage in enumerate(stream):
+        path = eval_dir / stage / "scores.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found; run the evaluation stage after task '{stage}' (dvc repro)")
+        scores = json.loads(path.read_text())["scores"]
+        for j, task in enumerate(stream):
+            if task in scores:
+                values[t, j] = scores[task]
+    return AccuracyMatrix(tasks=list(stream), trained=list(stream), values=values)
+
+
+def read_routing(eval_dir: Path, stage: str) -> list[tuple[str, str]]:
+    """(true task, routed task) of every test sample evaluated after ``stage``."""
+    pairs = []
+    with (eval_dir / stage / "predictions.jsonl").open() as handle:
+        for line in handle:
+            row = json.loads(line)
+            pairs.append((row["task"], row["routed_task"]))
+    return pairs
+
+
+def routing_confusion(pairs: list[tuple[str, str]], tasks: list[str]) -> np.ndarray:
+    """Counts (true task, routed task) in the order of ``tasks``."""
+    confusion = np.zeros((len(tasks), len(tasks)), dtype=int)
+    for true, routed in pairs:
+        confusion[tasks.index(true), tasks.index(routed)] += 1
+    return confusion
+
+
+def plot_heatmap(matrix: np.ndarray, rows: list[str], columns: list[str], title: str, path: Path, fmt: str = "{:.0f}") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(1.2 * len(columns) + 2.5, 1.0 * len(rows) + 2))
+    image = axes.imshow(np.ma.masked_invalid(matrix), cmap="viridis", vmin=0, vmax=np.nanmax(matrix) if np.isfinite(matrix).any() else 1)
+    axes.set_xticks(range(len(columns)), labels=columns, rotation=30, ha="right")
+    axes.set_yticks(range(len(rows)), labels=rows)
+    for i in range(len(rows)):
+        for j in range(len(columns)):
+            if np.isfinite(matrix[i, j]):
+                axes.text(j, i, fmt.format(matrix[i, j]), ha="center", va="center", color="white", fontsize=9)
+    axes.set_title(title)
+    figure.colorbar(image, ax=axes)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def projector_drift(ctx, first: str, last: str) -> float:
+    """Relative change of the projector's output on the first task's training features between
+    the end of the first task and the end of the stream."""
+    from drape.methods.drape.state import load_projector_output
+
+    patches = ctx.features(first, "train").patches
+    dims = (ctx.encoder_info["image_dim"], ctx.llm_dim)
+    before = load_projector_output(ctx.paths.train / first, patches, *dims)
+    after = load_projector_output(ctx.paths.train / last, patches, *dims)
+    return relative_change(before, after)
+
+
+def build_report(ctx, launcher: str = "dvc", log_to_mlflow: bool = True) -> dict:
+    """Write the report files and log the run; return the matrix, the metrics and the MLflow run id."""
+    stream = ctx.config.task_names
+    paths = ctx.paths
+    matrix = read_stage_scores(paths.eval, stream)
+    metrics = compute_metrics(matrix).as_dict()
+
+    pairs = read_routing(paths.eval, stream[-1])
+    confusion = routing_confusion(pairs, stream)
+    metrics["routing_accuracy"] = 100.0 * float(np.trace(confusion)) / max(1, int(confusion.sum()))
+    metrics["projector_drift"] = projector_drift(ctx, stream[0], stream[-1])
+    metrics = {key: round(float(value), 4) for key, value in metrics.items()}
+
+    staging = paths.report.with_name(paths.report.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_matrix_csv(matrix, staging / "matrix.csv")
+    plot_heatmap(matrix.values, stream, stream, "Accuracy (%) after each task", staging / "heatmap.png")
+    plot_heatmap(confusion.astype(float), stream, stream, "Routing after the last task (true vs routed)", staging / "routing_confusion.png", fmt="{:.0f}")
+    with (staging / "routing.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["actual", "routed"])
+        writer.writerows(pairs)
+    with (staging / "average.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["stage", "trained", "average_accuracy"])
+        for t, stage in enumerate(stream):
+            writer.writerow([t + 1, stage, f"{np.nanmean(matrix.values[t, : t + 1]):.2f}"])
+    shutil.rmtree(paths.report, ignore_errors=True)
+    staging.rename(paths.report)
+
+    run_id = None
+    if log_to_mlflow:
+        from drape.tracking import log_pipeline_run
+
+        run_id = log_pipeline_run(ctx, matrix, metrics, confusion, launcher=launcher)
+    return {"matrix": matrix, "metrics": metrics, "mlflow_run_id": run_id}
+
+
+def format_report(report: dict, tracking_uri: str) -> str:
+    """The matrix, the metrics and the MLflow run as text for the terminal."""
+    lines = [
+        "Accuracy matrix (row: task just trained, column: task evaluated, %):",
+        format_matrix(report["matrix"]),
+        "",
+        "Metrics: " + ", ".join(f"{key} {value:.2f}" for key, value in report["metrics"].items()),
+    ]
+    if report["mlflow_run_id"]:
+        lines.append(f"MLflow run {report['mlflow_run_id']} (browse with: mlflow ui --backend-store-uri {tracking_uri})")
+    return "\n".join(lines)

@@ -1,0 +1,219 @@
+"""Pipeline stages: the entry points that ``dvc.yaml`` runs.
+
+Each stage reads ``params.yaml``, calls the library and writes its declared outputs under
+``data/``, ``models/`` or ``results/``. Outputs are written to a temporary path and renamed
+into place at the end, so a failed stage leaves nothing that a later ``dvc repro`` would
+trust.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from drape.config import INIT_STAGE, PipelineConfig, load_config
+
+logger = logging.getLogger(__name__)
+
+
+class Layout:
+    """Where every stage reads and writes, relative to the repository root."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.stream = root / "data" / "stream"
+        self.features = root / "data" / "features"
+        self.models = root / "models"
+        self.train = root / "results" / "train"
+        self.prototypes = root / "results" / "prototypes"
+        self.eval = root / "results" / "eval"
+        self.report = root / "results" / "report"
+
+
+class StageContext:
+    """The configuration, the paths and the lazily loaded frozen models of one stage run."""
+
+    def __init__(self, params: Path | str = "params.yaml", root: Path | str = "."):
+        self.params_path = Path(params)
+        self.config: PipelineConfig = load_config(self.params_path)
+        self.paths = Layout(Path(root))
+        torch.manual_seed(self.config.seed)
+
+    @cached_property
+    def manifest(self) -> dict:
+        path = self.paths.models / "manifest.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found; run the models stage first (dvc repro models)")
+        return json.loads(path.read_text())
+
+    @property
+    def encoder_info(self) -> dict:
+        """The frozen encoders' fingerprint and dimensions; patch tokens follow ``models.patch_grid``."""
+        return {**self.manifest["encoder"], "num_patches": self.config.models.patch_grid**2}
+
+    @cached_property
+    def llm_dim(self) -> int:
+        config = json.loads((self.paths.models / "llm" / "config.json").read_text())
+        return int(config["hidden_size"])
+
+    @cached_property
+    def llm(self):
+        from drape.encoders import load_llm
+        from drape.mllm import FrozenLLM
+
+        return FrozenLLM(*load_llm(self.paths.models / "llm"))
+
+    @cached_property
+    def clip(self):
+        from drape.encoders import load_clip
+
+        return load_clip(self.paths.models / "clip", patch_grid=self.config.models.patch_grid)
+
+    def new_state(self):
+        from drape.methods.drape.state import DrapeState
+
+        return DrapeState(self.config.drape, self.encoder_info["image_dim"], self.llm_dim, self.encoder_info["name"])
+
+    def load_state(self, stage: str):
+        return self.new_state().load(self.paths.train / stage)
+
+    def features(self, task: str, split: str):
+        from drape.features import load_features
+
+        self.config.task(task)
+        return load_features(self.paths.features / task / f"{split}.parquet", self.encoder_info)
+
+    def load_prototypes(self, stage: str):
+        from drape.routing import Prototypes
+
+        folder = self.paths.prototypes / stage
+        tasks = json.loads((folder / "prototypes.json").read_text())["tasks"]
+        tensors = load_file(folder / "prototypes.safetensors")
+        return Prototypes(tasks, tensors["image"], tensors["text"])
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+
+
+def _staging_dir(target: Path) -> Path:
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def stage_data(ctx: StageContext, task: str) -> None:
+    """Build task ``task``'s train and test records and images from packaged data."""
+    from drape.data.stream import build_task
+
+    settings = ctx.config.task(task).data
+    summary = build_task(settings.kind, ctx.paths.stream / task, settings.n_train, settings.n_test, ctx.config.seed)
+    logger.info("task %s: %s", task, summary)
+
+
+def stage_models(ctx: StageContext) -> None:
+    """Materialise the frozen encoders and LLM of the configured preset into ``models/``."""
+    from drape.encoders import materialize_models
+
+    manifest = materialize_models(ctx.paths.models, ctx.config.models.preset)
+    logger.info("models ready: %s", json.dumps(manifest.get("checks", {})))
+
+
+def stage_features(ctx: StageContext, task: str) -> None:
+    """Encode task ``task``'s images and instructions once with the frozen encoders."""
+    from drape.features import extract_task_features
+
+    ctx.config.task(task)
+    counts = extract_task_features(ctx.clip, ctx.paths.stream / task, ctx.paths.features / task)
+    logger.info("task %s features: %s", task, counts)
+
+
+def stage_init(ctx: StageContext) -> None:
+    """Write the state before the first task: a freshly initialised projector, no prototypes."""
+    from drape.routing import Prototypes
+
+    ctx.new_state().save(ctx.paths.train / INIT_STAGE)
+    empty = Prototypes.empty(ctx.encoder_info["image_dim"], ctx.encoder_info["text_dim"])
+    _save_prototypes(empty, ctx.paths.prototypes / INIT_STAGE)
+
+
+def stage_train(ctx: StageContext, task: str) -> None:
+    """Train task ``task`` from the state after the previous task and save the new state."""
+    from drape.train import train_task
+
+    settings = ctx.config.task(task)
+    state = ctx.load_state(settings.after)
+    features = ctx.features(task, "train")
+    log = train_task(state, ctx.llm, task, features, settings.train, ctx.config.seed, ctx.config.drape.nullspace)
+
+    state.save(ctx.paths.train / task, extra_files={"train_log.json": json.dumps(log.as_dict(), indent=2)})
+
+
+def _save_prototypes(prototypes, target: Path) -> None:
+    staging = _staging_dir(target)
+    save_file(prototypes.state_dict(), staging / "prototypes.safetensors")
+    (staging / "prototypes.json").write_text(json.dumps({"tasks": prototypes.tasks}, indent=2))
+    _replace_dir(staging, target)
+
+
+def stage_prototypes(ctx: StageContext, task: str) -> None:
+    """Add task ``task``'s image and text prototypes to those of the earlier tasks."""
+    settings = ctx.config.task(task)
+    features = ctx.features(task, "train")
+    prototypes = ctx.load_prototypes(settings.after).add(task, features.pooled, features.text)
+    _save_prototypes(prototypes, ctx.paths.prototypes / task)
+    logger.info("prototypes for %s", prototypes.tasks)
+
+
+def stage_evaluate(ctx: StageContext, task: str) -> None:
+    """Evaluate the state after training ``task`` on every task's test split."""
+    from drape.data.stream import TASK_KINDS
+    from drape.evaluate import evaluate_task
+    from drape.scorers import get_scorer
+
+    ctx.config.task(task)
+    state = ctx.load_state(task)
+    prototypes = ctx.load_prototypes(task)
+    settings = ctx.config.evaluate
+
+    scores, predictions, routing = {}, [], {}
+    for name, task_config in ctx.config.stream.items():
+        scorer = get_scorer(TASK_KINDS[task_config.data.kind].scorer)
+        result = evaluate_task(
+            state,
+            ctx.llm,
+            prototypes,
+            name,
+            ctx.features(name, "test"),
+            scorer,
+            alpha=ctx.config.drape.routing_alpha,
+            batch_size=settings.batch_size,
+            max_new_tokens=settings.max_new_tokens,
+            oracle_routing=ctx.config.drape.oracle_routing,
+        )
+        scores[name] = result.score
+        predictions.extend(result.predictions)
+        routing[name] = dict(result.routed)
+
+    staging = _staging_dir(ctx.paths.eval / task)
+    (staging / "scores.json").write_text(json.dumps({"trained": task, "scores": scores}, indent=2))
+    (staging / "routing.json").write_text(json.dumps({"trained_tasks": state.tasks, "routed": routing}, indent=2))
+    with (staging / "predictions.jsonl").open("w") as handle:
+        for row in predictions:
+            handle.write(json.dumps(row) + "\n")
+    _replace_dir(staging, ctx.paths.eval / task)
+
+
+def stage_report(ctx: StageContext, launcher: str = "dvc", log_to_mlflow: bool = True) -> dict:
+    """Assemble the accuracy matrix and metrics, write the plots, and log the run to MLflow."""
+    from drape.report import build_report
+
+    return build_report(ctx, launcher=launcher, log_to_mlflow=log_to_mlflow)
