@@ -38,7 +38,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a YAML boolean is not silently read as the integer 1.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ModelsConfig(_Section):
@@ -103,7 +104,10 @@ class PipelineConfig(_Section):
         previous = INIT_STAGE
         for name, task in stream.items():
             if name == INIT_STAGE:
-                raise ValueError(f"'{INIT_STAGE}' is reserved for the state before the first task")
+                raise ValueError(
+                    f"stream.{name}: the task name '{INIT_STAGE}' is reserved for the state before the "
+                    "first task; rename the task"
+                )
             if task.after != previous:
                 raise ValueError(
                     f"stream.{name}.after is '{task.after}' but must be '{previous}', "
@@ -131,7 +135,14 @@ def _format_validation_error(path: Path, error: ValidationError) -> str:
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = item["msg"]
-        if item["type"] == "literal_error":
+        if item["type"] == "value_error":
+            # The validators' own text, without pydantic's "Value error, " prefix.
+            message = str(item.get("ctx", {}).get("error", message))
+            if message.startswith(f"{key}."):
+                # The message already names a longer key path (stream.parity.after).
+                lines.append(f"  {message}")
+                continue
+        elif item["type"] == "literal_error":
             allowed = item.get("ctx", {}).get("expected", "")
             message = f"got {item['input']!r}; allowed values: {allowed}"
         elif item["type"] == "extra_forbidden":

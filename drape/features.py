@@ -127,7 +127,7 @@ def _column_matrix(table: pa.Table, name: str, path: Path, width: int) -> np.nda
         raise FeatureError(
             f"{path}: column '{name}' has {column.type.list_size} values per sample but the current "
             f"encoder gives {width}; the file was built by another encoder, so re-run its features stage "
-            "(dvc repro features@<task>)"
+            f"(dvc repro features@{path.parent.name})"
         )
     return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), width)
 
@@ -147,7 +147,8 @@ def load_features(path: Path, encoder_info: dict) -> FeatureSet:
         if stored.get(field) != encoder_info.get(field):
             raise FeatureError(
                 f"{path}: features come from encoder {field}={stored.get(field)!r} but the models in use have "
-                f"{field}={encoder_info.get(field)!r}; re-run the features stage for this task (dvc repro)"
+                f"{field}={encoder_info.get(field)!r}; re-run the features stage for this task "
+                f"(dvc repro features@{path.parent.name})"
             )
 
     num_patches, image_dim = encoder_info["num_patches"], encoder_info["image_dim"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from drape.config import INIT_STAGE, PipelineConfig, load_config
+from drape.config import INIT_STAGE, ConfigError, PipelineConfig, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,11 @@ def stage_data(ctx: StageContext, task: str) -> None:
     from drape.data.stream import build_task
 
     settings = ctx.config.task(task).data
-    summary = build_task(settings.kind, ctx.paths.stream / task, settings.n_train, settings.n_test, ctx.config.seed)
+    try:
+        summary = build_task(settings.kind, ctx.paths.stream / task, settings.n_train, settings.n_test, ctx.config.seed)
+    except ValueError as error:
+        # The builders reject sizes their image source cannot supply.
+        raise ConfigError(f"{ctx.params_path}: stream.{task}.data: {error}") from None
     logger.info("task %s: %s", task, summary)
 
 

@@ -1,7 +1,7 @@
 """Tests for drape.encoders against the real packaged models (no mocks).
 
-The embedded preset is materialised once per session (about 25 s on 2 CPU
-cores) and the tiny preset once (about 7 s). Every model file is read from
+The embedded preset is materialised once per session (20 to 30 s on 2 CPU
+cores) and the tiny preset once (about 5 s). Every model file is read from
 local disk: the hub is switched off below.
 """
 
@@ -252,9 +252,22 @@ def test_single_patch_equals_pooled(embedded_dir, cat_photo):
     torch.testing.assert_close(patches[:, 0], pooled)
 
 
-def test_invalid_patch_grid_rejected(embedded_dir):
+def test_invalid_patch_grid_rejected(embedded_dir, tmp_path):
     with pytest.raises(ValueError, match="patch_grid=0"):
         load_clip(embedded_dir / "clip", patch_grid=0)
+    with pytest.raises(ValueError, match="patch_grid=2.5"):
+        load_clip(embedded_dir / "clip", patch_grid=2.5)
+    with pytest.raises(ValueError, match="patch_grid=0"):
+        materialize_models(tmp_path / "models", "tiny", patch_grid=0)
+    assert not (tmp_path / "models").exists()
+
+
+def test_patch_grid_finer_than_feature_map_warns(embedded_dir, cat_photo, caplog):
+    with caplog.at_level("WARNING", logger="drape.encoders"):
+        clip = load_clip(embedded_dir / "clip", patch_grid=8)
+    assert "exceeds the 7x7 final feature map" in caplog.text
+    patches, _ = clip.encode_images([cat_photo])
+    assert patches.shape == (1, 64, 1280)
 
 
 def test_text_embedding_is_minilm_mean_pooling(embedded_clip):
@@ -270,6 +283,20 @@ def test_text_embedding_is_minilm_mean_pooling(embedded_clip):
     mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, T, 1)
     expected = (hidden * mask).sum(dim=1) / mask.sum(dim=1)
     torch.testing.assert_close(embedded_clip.encode_texts(texts), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_text_batch_padding_does_not_change_embeddings(embedded_clip):
+    texts = ["cat", "a much longer sentence about a small grey cat on a sofa", ""]
+    batched = embedded_clip.encode_texts(texts)
+    for row, text in zip(batched, texts):
+        torch.testing.assert_close(row, embedded_clip.encode_texts([text])[0], atol=1e-5, rtol=1e-4)
+
+
+def test_long_text_truncated_to_context_length(embedded_clip):
+    long_text = "cat " * 1000
+    embedding = embedded_clip.encode_texts([long_text])
+    assert embedding.shape == (1, 384)
+    assert torch.isfinite(embedding).all()
 
 
 def test_text_similarity_is_sensible(embedded_clip):

@@ -6,7 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class DrapeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     hidden: int = Field(256, ge=8)
     """H, the width of the prompt generator's attention."""
@@ -26,5 +26,9 @@ class DrapeConfig(BaseModel):
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> DrapeConfig:
         if self.hidden % self.heads:
-            raise ValueError(f"heads ({self.heads}) must divide hidden ({self.hidden})")
+            divisors = [str(n) for n in range(1, self.hidden + 1) if self.hidden % n == 0]
+            raise ValueError(
+                f"heads ({self.heads}) must divide hidden ({self.hidden}); "
+                f"allowed heads for hidden {self.hidden}: {', '.join(divisors)}"
+            )
         return self

@@ -96,7 +96,10 @@ class DrapeState(nn.Module):
         state_path = checkpoint_dir / STATE_FILE
         if not state_path.is_file():
             raise CheckpointError(f"{state_path}: checkpoint not found; run the stage that writes it (dvc repro)")
-        stored = json.loads(state_path.read_text())
+        try:
+            stored = json.loads(state_path.read_text())
+        except json.JSONDecodeError as error:
+            raise CheckpointError(f"{state_path}:{error.lineno}: not valid JSON ({error.msg}); re-run the stage that writes it") from None
         for key, expected in self.fingerprint.items():
             found = stored["fingerprint"].get(key)
             if found != expected:

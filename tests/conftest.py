@@ -1,0 +1,87 @@
+"""Shared fixtures: materialised models and throw-away pipeline repositories."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from drape.telemetry import disable_telemetry
+
+disable_telemetry()
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PIPELINE_FILES = ("dvc.yaml", "prefect.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", "flows", "drape/encoders.py")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    """A ``models/`` folder of the tiny preset (random weights, the embedded classes)."""
+    from drape.encoders import materialize_models
+
+    folder = tmp_path_factory.mktemp("tiny") / "models"
+    materialize_models(folder, "tiny", patch_grid=2)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def embedded_models(tmp_path_factory) -> Path:
+    """A ``models/`` folder of the embedded preset: the real pretrained weights."""
+    from drape.encoders import materialize_models
+
+    folder = tmp_path_factory.mktemp("embedded") / "models"
+    materialize_models(folder, "embedded")
+    return folder
+
+
+def small_task(kind: str, after: str, n_train: int = 8, n_test: int = 4, **train) -> dict:
+    settings = {"epochs": 1, "batch_size": 4, "generator_lr": 1e-3, "projector_lr": 1e-3}
+    settings.update(train)
+    return {"after": after, "data": {"kind": kind, "n_train": n_train, "n_test": n_test}, "train": settings}
+
+
+def small_params(preset: str = "tiny", stream: dict | None = None, **sections) -> dict:
+    """The repository's params.yaml shrunk for tests: two digit tasks, few samples, small generator."""
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["models"] = {"preset": preset, "patch_grid": 2}
+    params["stream"] = stream or {
+        "digits": small_task("digits-classify", "init"),
+        "parity": small_task("digits-parity", "digits"),
+    }
+    params["drape"].update(hidden=32, prompt_length=4, heads=2)
+    params["evaluate"] = {"batch_size": 8, "max_new_tokens": 3}
+    for name, values in sections.items():
+        params[name] = {**params.get(name, {}), **values} if isinstance(values, dict) else values
+    return params
+
+
+def write_params(root: Path, params: dict) -> None:
+    # deepcopy keeps PyYAML from writing anchors for dicts shared between tasks.
+    (root / "params.yaml").write_text(yaml.safe_dump(copy.deepcopy(params), sort_keys=False))
+
+
+def make_pipeline_repo(root: Path, params: dict, models: Path | None = None) -> Path:
+    """Create a git repository at ``root`` with the pipeline files and ``params``.
+
+    With ``models`` the materialised folder is copied in after the commit, so single
+    stages (``drape stage ...``) run without the models stage.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    for name in PIPELINE_FILES:
+        source, target = REPO_ROOT / name, root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target)
+    write_params(root, params)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], cwd=root, check=True)
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "pipeline"], cwd=root, check=True)
+    if models is not None:
+        shutil.copytree(models, root / "models")
+    return root
