@@ -73,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--matrix", required=True, type=Path, help="the accuracy matrix CSV, scores in percent")
     metrics.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
+    alone = commands.add_parser(
+        "train-alone",
+        help="train one task alone from the initial state and print its test score (learnability check)",
+        description=(
+            "Train one task alone, with its settings from params.yaml but no earlier tasks, and print "
+            "the score on its test split. Needs the data, features and init stages; writes nothing."
+        ),
+    )
+    alone.add_argument("--task", action="append", required=True, help="a task of the stream; repeat for several")
+    alone.add_argument("--params", default="params.yaml", help="the parameter file (default: params.yaml)")
+
     show = commands.add_parser("show", help="print the accuracy matrix and metrics of the last report", description="Print the last report.")
     show.add_argument("--report", type=Path, default=Path("results/report"), help="the report folder (default: results/report)")
     return parser
@@ -92,6 +103,16 @@ def run_stage(args: argparse.Namespace) -> int:
         function(ctx, args.task)
     else:
         function(ctx)
+    return 0
+
+
+def run_train_alone(args: argparse.Namespace) -> int:
+    from drape import stages
+
+    ctx = stages.StageContext(args.params)
+    for task in args.task:
+        result = stages.train_alone(ctx, task)
+        print(f"{result['task']:<12} score {result['score']:6.1f}%   final loss {result['final_loss']:.3f}   {result['train_seconds']} s")
     return 0
 
 
@@ -134,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    handlers = {"stage": run_stage, "metrics": run_metrics, "show": run_show}
+    handlers = {"stage": run_stage, "metrics": run_metrics, "show": run_show, "train-alone": run_train_alone}
     try:
         return handlers[args.command](args)
     except _user_errors() as error:

@@ -58,5 +58,19 @@ class Prototypes:
         best = self.scores(image_features, text_features, alpha).argmax(dim=-1)
         return [self.tasks[i] for i in best.tolist()]
 
+    def statistics(self, task: str, image_features: torch.Tensor, text_features: torch.Tensor) -> dict[str, float]:
+        """Mean cosine similarity of a task's samples to its own prototypes, and the routing margin.
+
+        The margin is the mean gap (alpha = 0.5) between the own task's routing score and the
+        best other task's; it is 0 while only one task has prototypes.
+        """
+        index = self.tasks.index(task)
+        image = F.normalize(image_features.float(), dim=-1) @ self.image[index]
+        text = F.normalize(text_features.float(), dim=-1) @ self.text[index]
+        scores = self.scores(image_features, text_features, alpha=0.5)
+        others = torch.cat([scores[:, :index], scores[:, index + 1 :]], dim=1)
+        margin = (scores[:, index] - others.max(dim=1).values).mean() if others.shape[1] else torch.tensor(0.0)
+        return {"image_cosine": round(float(image.mean()), 4), "text_cosine": round(float(text.mean()), 4), "margin": round(float(margin), 4)}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"image": self.image.contiguous(), "text": self.text.contiguous()}

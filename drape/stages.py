@@ -161,10 +161,11 @@ def stage_train(ctx: StageContext, task: str) -> None:
     state.save(ctx.paths.train / task, extra_files={"train_log.json": json.dumps(log.as_dict(), indent=2)})
 
 
-def _save_prototypes(prototypes, target: Path) -> None:
+def _save_prototypes(prototypes, target: Path, statistics: dict | None = None) -> None:
     staging = _staging_dir(target)
     save_file(prototypes.state_dict(), staging / "prototypes.safetensors")
-    (staging / "prototypes.json").write_text(json.dumps({"tasks": prototypes.tasks}, indent=2))
+    summary = {"tasks": prototypes.tasks, "statistics": statistics or {}}
+    (staging / "prototypes.json").write_text(json.dumps(summary, indent=2))
     _replace_dir(staging, target)
 
 
@@ -172,9 +173,11 @@ def stage_prototypes(ctx: StageContext, task: str) -> None:
     """Add task ``task``'s image and text prototypes to those of the earlier tasks."""
     settings = ctx.config.task(task)
     features = ctx.features(task, "train")
+    previous = json.loads((ctx.paths.prototypes / settings.after / "prototypes.json").read_text())
     prototypes = ctx.load_prototypes(settings.after).add(task, features.pooled, features.text)
-    _save_prototypes(prototypes, ctx.paths.prototypes / task)
-    logger.info("prototypes for %s", prototypes.tasks)
+    statistics = {**previous.get("statistics", {}), task: prototypes.statistics(task, features.pooled, features.text)}
+    _save_prototypes(prototypes, ctx.paths.prototypes / task, statistics)
+    logger.info("prototypes for %s; %s: %s", prototypes.tasks, task, statistics[task])
 
 
 def stage_evaluate(ctx: StageContext, task: str) -> None:
@@ -214,6 +217,38 @@ def stage_evaluate(ctx: StageContext, task: str) -> None:
         for row in predictions:
             handle.write(json.dumps(row) + "\n")
     _replace_dir(staging, ctx.paths.eval / task)
+
+
+def train_alone(ctx: StageContext, task: str) -> dict:
+    """Train task ``task`` alone from the initial state and score its own test split.
+
+    This is the learnability check of a task: the same settings as in the stream, but no
+    earlier tasks, so the score is what the frozen LLM can reach on it within the budget.
+    Nothing is written to the pipeline's outputs.
+    """
+    from drape.data.stream import TASK_KINDS
+    from drape.evaluate import evaluate_task
+    from drape.routing import Prototypes
+    from drape.scorers import get_scorer
+    from drape.train import train_task
+
+    settings = ctx.config.task(task)
+    state = ctx.load_state(INIT_STAGE)
+    train = ctx.features(task, "train")
+    log = train_task(state, ctx.llm, task, train, settings.train, ctx.config.seed, ctx.config.drape.nullspace)
+    prototypes = Prototypes.empty(ctx.encoder_info["image_dim"], ctx.encoder_info["text_dim"]).add(task, train.pooled, train.text)
+    result = evaluate_task(
+        state,
+        ctx.llm,
+        prototypes,
+        task,
+        ctx.features(task, "test"),
+        get_scorer(TASK_KINDS[settings.data.kind].scorer),
+        alpha=ctx.config.drape.routing_alpha,
+        batch_size=ctx.config.evaluate.batch_size,
+        max_new_tokens=ctx.config.evaluate.max_new_tokens,
+    )
+    return {"task": task, "score": result.score, "final_loss": log.losses[-1], "train_seconds": round(log.seconds, 1)}
 
 
 def stage_report(ctx: StageContext, launcher: str = "dvc", log_to_mlflow: bool = True) -> dict:

@@ -70,6 +70,7 @@ def log_pipeline_run(ctx, matrix, metrics: dict[str, float], confusion: np.ndarr
 
         for t, task in enumerate(stream):
             train_log = json.loads((ctx.paths.train / task / "train_log.json").read_text())
+            prototype_stats = json.loads((ctx.paths.prototypes / task / "prototypes.json").read_text())["statistics"].get(task, {})
             with mlflow.start_run(run_name=f"{t + 1:02d}-{task}", nested=True, tags={"task": task, "position": str(t + 1), **tags}):
                 mlflow.log_params(_flatten(f"stream.{task}", config.stream[task].model_dump(mode="json"), {}))
                 for step, loss in enumerate(train_log["losses"]):
@@ -80,6 +81,7 @@ def log_pipeline_run(ctx, matrix, metrics: dict[str, float], confusion: np.ndarr
                         "train_seconds": train_log["seconds"],
                         "trainable_parameters": train_log["trainable_parameters"],
                         **{f"nullspace_rank.{layer}": rank for layer, rank in train_log["nullspace_rank"].items()},
+                        **{f"prototype.{name}": value for name, value in prototype_stats.items()},
                         **{
                             f"accuracy.{column}": float(matrix.values[t, j])
                             for j, column in enumerate(matrix.tasks)

@@ -15,9 +15,9 @@ from drape.metrics import read_matrix_csv
 KINDS = {
     "digits": "digits-classify",
     "fashion": "fashion-classify",
-    "shapes": "shapes-color",
+    "color": "shapes-color",
     "parity": "digits-parity",
-    "choice": "fashion-choice",
+    "shape": "shapes-choice",
 }
 
 
@@ -71,13 +71,13 @@ def test_routing_uses_real_encoders(embedded_run):
 
 
 def test_predictions_are_decoded_text(embedded_run):
-    rows = [json.loads(line) for line in (embedded_run / "results/eval/choice/predictions.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (embedded_run / "results/eval/shape/predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 5 * 3
     assert all(isinstance(row["prediction"], str) for row in rows)
     assert {row["routed_task"] for row in rows} <= set(KINDS)
 
 
 def test_checkpoints_are_safetensors(embedded_run):
-    files = {path.name for path in (embedded_run / "results/train/choice").iterdir()}
+    files = {path.name for path in (embedded_run / "results/train/shape").iterdir()}
     assert {"projector.safetensors", "generators.safetensors", "nullspace.safetensors", "state.json"} <= files
     assert not any(name.endswith((".pt", ".pth", ".bin", ".pkl")) for name in files)

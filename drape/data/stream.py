@@ -384,6 +384,36 @@ def build_shapes_vqa(n_train: int, n_test: int, seed: int) -> tuple[list[Example
     return splits[0], splits[1]
 
 
+SHAPE_CHOICE_OPTIONS = ("circle", "rectangle", "triangle")
+SHAPE_CHOICE_INSTRUCTION = (
+    "Which shape is in the image?\n"
+    + "\n".join(f"{letter}. {shape}" for letter, shape in zip(CHOICE_LETTERS, SHAPE_CHOICE_OPTIONS))
+    + "\nAnswer with the option's letter."
+)
+
+
+def build_shapes_choice(n_train: int, n_test: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """Build easy-vqa multiple-choice shape questions answered with a letter, balanced over the shapes.
+
+    The options are always circle, rectangle, triangle in that order, so the letter is a
+    function of the shape. Unlike fashion-choice, whose options change per sample, the
+    task is learnable by a small frozen LLM within a few hundred samples.
+    """
+    _check_sizes("shapes-choice", n_train, n_test)
+    splits = []
+    for split, n, rng in zip(("train", "test"), (n_train, n_test), _split_rngs("shapes-choice", seed)):
+        _, questions = _load_shapes(split)
+        image_ids = sorted(image_id for image_id, by_type in questions.items() if by_type["shape"])
+        drawn = _draw_shape_questions("shapes-choice", split, "shape", image_ids, n, rng)
+        splits.append(
+            [
+                Example(example.image, SHAPE_CHOICE_INSTRUCTION, CHOICE_LETTERS[SHAPE_CHOICE_OPTIONS.index(example.answer)])
+                for example in drawn
+            ]
+        )
+    return splits[0], splits[1]
+
+
 # ---------------------------------------------------------------------------
 # Registry
 
@@ -426,6 +456,10 @@ for _kind in (
     TaskKind(
         "shapes-color", "exact_match", build_shapes_color, 1,
         "easy-vqa 64x64 shape images; answer the colour of the shape (8 colours)",
+    ),
+    TaskKind(
+        "shapes-choice", "choice_letter", build_shapes_choice, 1,
+        "easy-vqa 64x64 shape images; pick the shape among 3 lettered options in a fixed order",
     ),
     TaskKind(
         "shapes-vqa", "exact_match", build_shapes_vqa, 1,
