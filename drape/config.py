@@ -6,8 +6,8 @@
 * ``models``: which preset of frozen encoders and LLM the ``models`` stage materialises.
 * ``stream``: the task stream in training order. Each task names the task trained before
   it in ``after`` (``init`` for the first one) so that ``dvc.yaml`` can chain the
-  per-task stages, and carries its own ``data`` and ``train`` settings, so that changing
-  one task re-runs that task and the later ones only.
+  per-task stages. It carries its own ``data`` and ``train`` settings, so changing one
+  task re-runs that task and the later ones only.
 * ``drape``: the method's architecture and its continual-learning settings.
 * ``evaluate``: decoding settings of the evaluation stages.
 * ``tracking``: where MLflow records runs.

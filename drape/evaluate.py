@@ -1,9 +1,8 @@
 """Evaluation after a stage: every task's test split, with prototype routing.
 
-Each test sample is routed to a trained task by its prototypes (or, for the oracle
-ablation only, by its true task label); that task's generator makes the prompts and the
-frozen LLM greedily decodes the answer, which the task's scorer compares with the
-reference. Tasks not trained yet are evaluated too (forward transfer); their samples are
+Each test sample is routed to a trained task by its prototypes, or by its true task
+label in the oracle ablation only. That task's generator makes the prompts, the frozen
+LLM greedily decodes the answer, and the task's scorer compares it with the reference. Tasks not trained yet are evaluated too (forward transfer); their samples are
 routed among the trained tasks.
 """
 

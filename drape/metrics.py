@@ -102,7 +102,7 @@ def compute_metrics(matrix: AccuracyMatrix) -> StreamMetrics:
 def read_matrix_csv(path: Path | str) -> AccuracyMatrix:
     """Read an accuracy matrix CSV.
 
-    The header row holds the task names, optionally after a corner label (``stage``).
+    The header row contains the task names, optionally after a corner label (``stage``).
     Each further row starts with the task just trained, then one score per task; an empty
     cell is not evaluated.
     """

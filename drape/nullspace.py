@@ -123,7 +123,7 @@ class NullSpaceProjector:
             if key not in state or state[key].shape != self.covariances[name].shape:
                 found = tuple(state[key].shape) if key in state else "missing"
                 raise ValueError(
-                    f"null-space covariance '{key}' is {found}, expected {tuple(self.covariances[name].shape)}; "
+                    f"null-space covariance '{key}' has shape {found}, expected {tuple(self.covariances[name].shape)}; "
                     "the checkpoint comes from a projector of another shape"
                 )
             self.covariances[name] = state[key].to(torch.float64).clone()

@@ -58,20 +58,27 @@ def routing_confusion(pairs: list[tuple[str, str]], tasks: list[str]) -> np.ndar
     return confusion
 
 
-def plot_heatmap(matrix: np.ndarray, rows: list[str], columns: list[str], title: str, path: Path, fmt: str = "{:.0f}") -> None:
+def plot_heatmap(
+    matrix: np.ndarray, rows: list[str], columns: list[str], title: str, path: Path, vmax: float | None = None
+) -> None:
+    """Save ``matrix`` as an annotated heatmap; NaN cells stay blank."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if vmax is None:
+        vmax = float(np.nanmax(matrix)) if np.isfinite(matrix).any() and np.nanmax(matrix) > 0 else 1.0
     figure, axes = plt.subplots(figsize=(1.2 * len(columns) + 2.5, 1.0 * len(rows) + 2))
-    image = axes.imshow(np.ma.masked_invalid(matrix), cmap="viridis", vmin=0, vmax=np.nanmax(matrix) if np.isfinite(matrix).any() else 1)
+    image = axes.imshow(np.ma.masked_invalid(matrix), cmap="viridis", vmin=0, vmax=vmax)
     axes.set_xticks(range(len(columns)), labels=columns, rotation=30, ha="right")
     axes.set_yticks(range(len(rows)), labels=rows)
     for i in range(len(rows)):
         for j in range(len(columns)):
             if np.isfinite(matrix[i, j]):
-                axes.text(j, i, fmt.format(matrix[i, j]), ha="center", va="center", color="white", fontsize=9)
+                # Dark text on the bright (yellow) end of viridis, white text elsewhere.
+                color = "black" if matrix[i, j] > 0.6 * vmax else "white"
+                axes.text(j, i, f"{matrix[i, j]:.0f}", ha="center", va="center", color=color, fontsize=9)
     axes.set_title(title)
     figure.colorbar(image, ax=axes)
     figure.tight_layout()
@@ -109,8 +116,10 @@ def build_report(ctx, launcher: str = "dvc", log_to_mlflow: bool = True) -> dict
     staging.mkdir(parents=True)
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_matrix_csv(matrix, staging / "matrix.csv")
-    plot_heatmap(matrix.values, stream, stream, "Accuracy (%) after each task", staging / "heatmap.png")
-    plot_heatmap(confusion.astype(float), stream, stream, "Routing after the last task (true vs routed)", staging / "routing_confusion.png", fmt="{:.0f}")
+    plot_heatmap(matrix.values, stream, stream, "Accuracy (%) after each task (row: trained)", staging / "heatmap.png", vmax=100.0)
+    plot_heatmap(
+        confusion.astype(float), stream, stream, "Routing after the last task (row: true task)", staging / "routing_confusion.png"
+    )
     with (staging / "routing.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["actual", "routed"])
@@ -132,7 +141,7 @@ def build_report(ctx, launcher: str = "dvc", log_to_mlflow: bool = True) -> dict
 
 
 def format_report(report: dict, tracking_uri: str) -> str:
-    """The matrix, the metrics and the MLflow run as text for the terminal."""
+    """Format the matrix, the metrics and the MLflow run as text for the terminal."""
     lines = [
         "Accuracy matrix (row: task just trained, column: task evaluated, %):",
         format_matrix(report["matrix"]),

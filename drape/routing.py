@@ -52,7 +52,7 @@ class Prototypes:
         return alpha * image + (1 - alpha) * text
 
     def route(self, image_features: torch.Tensor, text_features: torch.Tensor, alpha: float) -> list[str]:
-        """The routed task of each sample."""
+        """Route each sample to the trained task with the best score."""
         if not self.tasks:
             raise ValueError("no prototypes yet: routing needs at least one trained task")
         best = self.scores(image_features, text_features, alpha).argmax(dim=-1)

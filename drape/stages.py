@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 class Layout:
-    """Where every stage reads and writes, relative to the repository root."""
+    """Paths of every stage's inputs and outputs, relative to the repository root."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -177,7 +177,7 @@ def stage_prototypes(ctx: StageContext, task: str) -> None:
     prototypes = ctx.load_prototypes(settings.after).add(task, features.pooled, features.text)
     statistics = {**previous.get("statistics", {}), task: prototypes.statistics(task, features.pooled, features.text)}
     _save_prototypes(prototypes, ctx.paths.prototypes / task, statistics)
-    logger.info("prototypes for %s; %s: %s", prototypes.tasks, task, statistics[task])
+    logger.info("prototypes of %s; statistics of %s: %s", prototypes.tasks, task, statistics[task])
 
 
 def stage_evaluate(ctx: StageContext, task: str) -> None:

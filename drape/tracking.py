@@ -30,7 +30,7 @@ def _flatten(prefix: str, value, out: dict[str, str]) -> dict[str, str]:
 
 
 def git_revision(root: Path) -> str:
-    """The checked-out commit, with ``-dirty`` when the work tree has changes; ``unknown`` outside git."""
+    """Return the checked-out commit, with ``-dirty`` when tracked files changed, or ``unknown`` outside git."""
     try:
         revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()

@@ -1,8 +1,8 @@
 """Training of one task of the stream: a new prompt generator and the shared projector.
 
 The shared projector's updates are projected onto the null space of the earlier tasks'
-inputs (see ``drape.nullspace``); after the task, its inputs are added to the covariances
-so that the next task protects this one too. Training runs through ``accelerate``, so the
+inputs (see ``drape.nullspace``). After the task, its inputs are added to the covariances,
+so the next task protects this one too. Training runs through ``accelerate``, so the
 same code runs on a CPU, one GPU or several.
 """
 

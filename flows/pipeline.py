@@ -28,7 +28,7 @@ REPORT_STAGE = "report"
 
 
 def pipeline_stages(root: Path) -> list[str]:
-    """The stages of ``root/dvc.yaml`` in an order where every stage follows its dependencies."""
+    """List the stages of ``root/dvc.yaml`` so that every stage follows its dependencies."""
     import networkx as nx
     from dvc.repo import Repo
 

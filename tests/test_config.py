@@ -38,7 +38,7 @@ def error_for_text(tmp_path: Path, text: str) -> str:
 def test_repository_params_load():
     config = load_config(REPO_ROOT / "params.yaml")
 
-    assert config.task_names == ["digits", "fashion", "shapes", "parity", "choice"]
+    assert config.task_names == ["digits", "fashion", "color", "parity", "shape"]
     assert config.stream["digits"].after == INIT_STAGE
     assert [config.stream[name].after for name in config.task_names[1:]] == config.task_names[:-1]
     assert config.models.preset == "embedded"

@@ -27,7 +27,9 @@ from drape.data.stream import (
 )
 from drape.scorers import SCORERS
 
-BUILT_IN_KINDS = ["digits-classify", "digits-parity", "fashion-classify", "fashion-choice", "shapes-color", "shapes-vqa"]
+BUILT_IN_KINDS = [
+    "digits-classify", "digits-parity", "fashion-classify", "fashion-choice", "shapes-color", "shapes-choice", "shapes-vqa"
+]
 N_TRAIN, N_TEST = 6, 4
 
 COLORS = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
@@ -157,6 +159,15 @@ def test_shapes_text(built, kind):
             assert "color" in record.instruction
         else:
             assert "shape" in record.instruction
+
+
+def test_shapes_choice_text(built):
+    out_dir, _ = built["shapes-choice"]
+    records = read_records(out_dir / "train.jsonl") + read_records(out_dir / "test.jsonl")
+    for record in records:
+        assert record.instruction == stream.SHAPE_CHOICE_INSTRUCTION
+        assert record.answer in {"A", "B", "C"}
+    assert "A. circle\nB. rectangle\nC. triangle" in stream.SHAPE_CHOICE_INSTRUCTION
 
 
 # ---------------------------------------------------------------------------

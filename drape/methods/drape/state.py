@@ -1,6 +1,6 @@
 """The DRAPE model state after a stage of the stream, and its safetensors checkpoint.
 
-A checkpoint folder holds everything that the evaluation after that stage and the
+A checkpoint folder contains everything that the evaluation after that stage and the
 training of the next task need:
 
 * ``projector.safetensors``: the shared projector;
@@ -38,7 +38,7 @@ class CheckpointError(ValueError):
 
 
 def fingerprint(config: DrapeConfig, vision_dim: int, llm_dim: int, encoder: str) -> dict:
-    """The settings that fix the shapes and meaning of a checkpoint's tensors."""
+    """Collect the settings that fix the shapes and meaning of a checkpoint's tensors."""
     return {
         "method": "drape",
         "encoder": encoder,
