@@ -42,10 +42,9 @@ CAT_CLASSES = {"Egyptian cat", "tiger cat", "tabby, tabby cat"}
 
 
 @pytest.fixture(scope="session")
-def embedded_dir(tmp_path_factory) -> Path:
-    models_dir = tmp_path_factory.mktemp("embedded") / "models"
-    materialize_models(models_dir, "embedded")
-    return models_dir
+def embedded_dir(embedded_models) -> Path:
+    # The embedded models are materialised once per test session (conftest.py).
+    return embedded_models
 
 
 @pytest.fixture(scope="session")
