@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage = commands.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)", description="Run one pipeline stage.")
     stage_commands = stage.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name in STAGES:
-        sub = stage_commands.add_parser(name, help=STAGE_HELP[name], description=STAGE_HELP[name].capitalize() + ".")
+        sub = stage_commands.add_parser(name, help=STAGE_HELP[name], description=STAGE_HELP[name][0].upper() + STAGE_HELP[name][1:] + ".")
         sub.add_argument("--params", default="params.yaml", help="the parameter file (default: params.yaml)")
         if name in TASK_STAGES:
             sub.add_argument("--task", required=True, help="the task's name, a key of 'stream' in params.yaml")
@@ -78,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train one task alone from the initial state and print its test score (learnability check)",
         description=(
             "Train one task alone, with its settings from params.yaml but no earlier tasks, and print "
-            "the score on its test split. Needs the data, features and init stages; writes nothing."
+            "the score on its test split. Needs the outputs of the data, models, features and init stages "
+            "(dvc repro init features@TASK); writes nothing."
         ),
     )
     alone.add_argument("--task", action="append", required=True, help="a task of the stream; repeat for several")
@@ -122,7 +124,8 @@ def run_metrics(args: argparse.Namespace) -> int:
     matrix = read_matrix_csv(args.matrix)
     metrics = compute_metrics(matrix).as_dict()
     if args.json:
-        print(json.dumps(metrics, indent=2))
+        # JSON has no NaN: a metric that no evaluated entry enters is null.
+        print(json.dumps({key: None if math.isnan(value) else value for key, value in metrics.items()}, indent=2))
         return 0
     print(format_matrix(matrix))
     print()
@@ -140,7 +143,8 @@ def run_show(args: argparse.Namespace) -> int:
     print(format_matrix(read_matrix_csv(args.report / "matrix.csv")))
     print()
     for key, value in json.loads(metrics_path.read_text()).items():
-        print(f"{key:<18}{value:8.2f}")
+        # The drift is a ratio, not a percentage, and is usually far below 1.
+        print(f"{key:<18}{value:8.4f}" if key == "projector_drift" else f"{key:<18}{value:8.2f}")
     return 0
 
 

@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from ruamel.yaml import YAML, YAMLError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from drape.methods.drape.config import DrapeConfig
@@ -147,6 +147,8 @@ def _format_validation_error(path: Path, error: ValidationError) -> str:
             message = f"got {item['input']!r}; allowed values: {allowed}"
         elif item["type"] == "extra_forbidden":
             message = "unknown key; remove it or check its spelling"
+        elif item["type"] != "missing":
+            message = f"{message}, got {item['input']!r}"
         lines.append(f"  {key}: {message}")
     return "\n".join(lines)
 
@@ -179,8 +181,9 @@ def load_config(path: Path | str = "params.yaml") -> PipelineConfig:
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found; run from the repository root or pass --params") from None
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as error:
+        # YAML 1.2, as DVC reads params.yaml, so ``1e-3`` is a number for both.
+        raw = YAML(typ="safe", pure=True).load(text)
+    except YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")

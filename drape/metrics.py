@@ -11,7 +11,7 @@ are NaN; a lower-triangular matrix is enough for every metric here.
 | MFT | mean over j of ``A[j][j]`` (accuracy right after learning each task) |
 | MAA | mean over t of the mean over j <= t of ``A[t][j]`` ("Avg") |
 | BWT | mean over j < T of ``A[T][j] - A[j][j]`` |
-| forgetting | mean over j < T of ``max_{t<T} A[t][j] - A[T][j]`` |
+| forgetting | mean over j < T of ``max_{j<=t<T} A[t][j] - A[T][j]`` |
 
 Only trained tasks (the row labels) enter the means, so a matrix that also reports
 tasks not yet trained (forward transfer, ``j > t``) gives the same metrics as its lower
@@ -108,17 +108,22 @@ def read_matrix_csv(path: Path | str) -> AccuracyMatrix:
     """
     path = Path(path)
     try:
-        with path.open(newline="") as handle:
+        with path.open(newline="", encoding="utf-8") as handle:
             rows = [row for row in csv.reader(handle) if any(cell.strip() for cell in row)]
     except OSError as error:
         raise MatrixError(f"{path}: cannot be read: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise MatrixError(f"{path}: not a UTF-8 text file; expected a comma-separated accuracy matrix") from None
     if len(rows) < 2:
         raise MatrixError(f"{path}: needs a header row of task names and at least one stage row")
 
     header = [cell.strip() for cell in rows[0]]
-    # The header starts with a corner label when its first cell is a usual one or when it is
-    # as wide as the first stage row (task label + one score per task).
-    if header[0].lower() in _CORNER_LABELS or len(header) == len(rows[1]):
+    if len(header) < 2 and len(rows[1]) < 2:
+        raise MatrixError(f"{path}:1: found one column only; the matrix must be comma-separated")
+    # The header starts with a corner label when its first cell is a usual label, or a
+    # name that no stage row starts with (a trained task always starts a row).
+    row_labels = {row[0].strip() for row in rows[1:]}
+    if header[0].lower() in _CORNER_LABELS or header[0] not in row_labels:
         header = header[1:]
     tasks = header
     if len(set(tasks)) != len(tasks) or not all(tasks):
@@ -143,12 +148,15 @@ def read_matrix_csv(path: Path | str) -> AccuracyMatrix:
             if not cell.strip():
                 continue
             try:
-                values[i, j] = float(cell)
+                value = float(cell)
             except ValueError:
+                value = math.nan
+            if not 0.0 <= value <= 100.0:
                 raise MatrixError(
-                    f"{path}:{line}: score '{cell}' for task '{tasks[j]}' is not a number; "
-                    "leave the cell empty if it was not evaluated"
-                ) from None
+                    f"{path}:{line}: score '{cell.strip()}' for task '{tasks[j]}' is not a number from 0 to 100 "
+                    "(scores are percent); leave the cell empty if it was not evaluated"
+                )
+            values[i, j] = value
         trained.append(stage)
     return AccuracyMatrix(tasks=tasks, trained=trained, values=values)
 
@@ -159,7 +167,7 @@ def write_matrix_csv(matrix: AccuracyMatrix, path: Path) -> None:
         writer = csv.writer(handle)
         writer.writerow(["trained", *matrix.tasks])
         for stage, row in zip(matrix.trained, matrix.values):
-            writer.writerow([stage, *("" if math.isnan(value) else f"{value:.2f}" for value in row)])
+            writer.writerow([stage, *("" if math.isnan(value) else f"{value:.4f}" for value in row)])
 
 
 def format_matrix(matrix: AccuracyMatrix) -> str:

@@ -146,7 +146,7 @@ def format_report(report: dict, tracking_uri: str) -> str:
         "Accuracy matrix (row: task just trained, column: task evaluated, %):",
         format_matrix(report["matrix"]),
         "",
-        "Metrics: " + ", ".join(f"{key} {value:.2f}" for key, value in report["metrics"].items()),
+        "Metrics: " + ", ".join(f"{key} {value:.4g}" for key, value in report["metrics"].items()),
     ]
     if report["mlflow_run_id"]:
         lines.append(f"MLflow run {report['mlflow_run_id']} (browse with: mlflow ui --backend-store-uri {tracking_uri})")

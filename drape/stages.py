@@ -93,6 +93,8 @@ class StageContext:
         from drape.routing import Prototypes
 
         folder = self.paths.prototypes / stage
+        if not (folder / "prototypes.json").is_file():
+            raise FileNotFoundError(f"{folder / 'prototypes.json'}: prototypes not found; run the stage that writes them (dvc repro)")
         tasks = json.loads((folder / "prototypes.json").read_text())["tasks"]
         tensors = load_file(folder / "prototypes.safetensors")
         return Prototypes(tasks, tensors["image"], tensors["text"])
@@ -173,8 +175,9 @@ def stage_prototypes(ctx: StageContext, task: str) -> None:
     """Add task ``task``'s image and text prototypes to those of the earlier tasks."""
     settings = ctx.config.task(task)
     features = ctx.features(task, "train")
+    earlier = ctx.load_prototypes(settings.after)
     previous = json.loads((ctx.paths.prototypes / settings.after / "prototypes.json").read_text())
-    prototypes = ctx.load_prototypes(settings.after).add(task, features.pooled, features.text)
+    prototypes = earlier.add(task, features.pooled, features.text)
     statistics = {**previous.get("statistics", {}), task: prototypes.statistics(task, features.pooled, features.text)}
     _save_prototypes(prototypes, ctx.paths.prototypes / task, statistics)
     logger.info("prototypes of %s; statistics of %s: %s", prototypes.tasks, task, statistics[task])

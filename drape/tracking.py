@@ -29,11 +29,19 @@ def _flatten(prefix: str, value, out: dict[str, str]) -> dict[str, str]:
     return out
 
 
+# Files that a pipeline run itself rewrites before the report stage logs the run.
+_PIPELINE_WRITTEN = (":(exclude)dvc.lock", ":(exclude)results", ":(exclude,glob)**/.gitignore")
+
+
 def git_revision(root: Path) -> str:
-    """Return the checked-out commit, with ``-dirty`` when tracked files changed, or ``unknown`` outside git."""
+    """Return the checked-out commit, or ``unknown`` outside git.
+
+    ``-dirty`` is appended when tracked files other than the pipeline's own outputs changed.
+    """
     try:
         revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *_PIPELINE_WRITTEN]
+        dirty = subprocess.run(status, cwd=root, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return revision + ("-dirty" if dirty else "")

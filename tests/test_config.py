@@ -129,6 +129,18 @@ def test_wrong_type(tmp_path, path, value, expected):
 
     assert f"  {'.'.join(path)}: " in message
     assert expected in message
+    assert f"got {value!r}" in message
+
+
+def test_exponent_without_dot_is_a_number(tmp_path):
+    # YAML 1.2 (as DVC reads params.yaml) makes 1e-3 a float; YAML 1.1 would make it a string.
+    params = small_params()
+    write_params(tmp_path, params)
+    path = tmp_path / "params.yaml"
+    path.write_text(path.read_text().replace("generator_lr: 0.001", "generator_lr: 1e-3", 1))
+    assert "generator_lr: 1e-3" in path.read_text()
+    config = load_config(path)
+    assert config.stream["digits"].train.generator_lr == 0.001
 
 
 def test_preset_lists_allowed(tmp_path):

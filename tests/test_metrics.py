@@ -102,3 +102,44 @@ def test_metrics_command_reports_bad_file(tmp_path):
     assert result.returncode == 2
     assert "missing.csv" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_custom_corner_label_without_trailing_commas(tmp_path):
+    text = "step,a,b,c\na,80\nb,60,90\nc,50,70,100\n"
+    metrics = compute_metrics(read_matrix_csv(write(tmp_path, text)))
+    assert metrics.mft == pytest.approx(90.0)
+    assert metrics.mfn == pytest.approx((50 + 70 + 100) / 3)
+
+
+@pytest.mark.parametrize("cell", ["950", "-70", "inf", "nan"])
+def test_score_outside_percent_range_rejected(tmp_path, cell):
+    with pytest.raises(MatrixError) as info:
+        read_matrix_csv(write(tmp_path, f"trained,a\na,{cell}\n"))
+    assert f"score '{cell}' for task 'a' is not a number from 0 to 100" in str(info.value)
+
+
+def test_binary_file_rejected(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    with pytest.raises(MatrixError) as info:
+        read_matrix_csv(path)
+    assert "not a UTF-8 text file" in str(info.value)
+
+
+def test_semicolon_separated_file_rejected(tmp_path):
+    with pytest.raises(MatrixError) as info:
+        read_matrix_csv(write(tmp_path, "trained;a;b\na;90;\nb;80;85\n"))
+    assert "must be comma-separated" in str(info.value)
+
+
+def test_metrics_json_has_null_for_undefined(tmp_path):
+    path = write(tmp_path, "trained,a\na,64\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "drape.cli", "metrics", "--matrix", str(path), "--json"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    import json
+
+    metrics = json.loads(result.stdout)
+    assert metrics["MFN"] == 64.0
+    assert metrics["BWT"] is None

@@ -94,7 +94,7 @@ def _verify_image(path: Path, where: str) -> None:
     if not path.is_file():
         raise ImageError(
             f"{where}: image file not found: {path}; "
-            "pass the correct image_root or fix the record's image path"
+            "fix the record's image path, or rebuild the task (dvc repro data@<task>, or dvc checkout for a tracked copy)"
         )
     try:
         # verify() checks the file structure (PNG chunk CRCs, truncation) without decoding pixels.
