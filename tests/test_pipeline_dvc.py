@@ -100,3 +100,15 @@ def test_last_task_change_reruns_only_it(reproduced):
     write_params(repo, params)
     changed = dvc(repo, "repro").stdout
     assert sorted(stages_run(changed)) == ["evaluate@parity", "report", "train@parity"]
+
+
+def test_train_alone_prints_score(reproduced):
+    repo, _ = reproduced
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    result = subprocess.run(["drape", "train-alone", "--task", "parity"], cwd=repo, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("parity"))
+    score = float(line.split("score")[1].split("%")[0])
+    assert 0.0 <= score <= 100.0
+    assert not (repo / "results/train/parity.partial").exists()
