@@ -160,8 +160,8 @@ def parse_config(raw: dict[str, Any], path: Path = Path("params.yaml")) -> Pipel
     except ValidationError as error:
         raise ConfigError(_format_validation_error(path, error)) from None
 
-    # Task kinds live in the data package; checking them here makes a typo fail before
-    # any stage runs rather than in the middle of the stream.
+    # Task kinds are registered in the data package. Checking them here makes a typo fail
+    # before any stage runs, not in the middle of the stream.
     from drape.data.stream import TASK_KINDS
 
     for name, task in config.stream.items():

@@ -20,11 +20,15 @@ PIPELINE_FILES = ("dvc.yaml", "prefect.yaml", ".dvcignore", ".dvc/config", ".dvc
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
-    """A ``models/`` folder of the tiny preset (random weights, the embedded classes)."""
+    """A ``models/`` folder of the tiny preset (random weights, the embedded classes).
+
+    Stages take the number of patch tokens from ``models.patch_grid`` in params.yaml, so
+    the manifest's default grid does not constrain the tests' smaller grid.
+    """
     from drape.encoders import materialize_models
 
     folder = tmp_path_factory.mktemp("tiny") / "models"
-    materialize_models(folder, "tiny", patch_grid=2)
+    materialize_models(folder, "tiny")
     return folder
 
 

@@ -48,10 +48,9 @@ def embedded_dir(embedded_models) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory) -> Path:
-    models_dir = tmp_path_factory.mktemp("tiny") / "models"
-    materialize_models(models_dir, "tiny")
-    return models_dir
+def tiny_dir(tiny_models) -> Path:
+    # The tiny models are materialised once per test session (conftest.py).
+    return tiny_models
 
 
 @pytest.fixture(scope="session")

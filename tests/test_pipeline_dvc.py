@@ -51,9 +51,9 @@ def test_report_files_and_metrics(reproduced):
     matrix = (repo / "results/report/matrix.csv").read_text().splitlines()
     assert matrix[0] == "trained,digits,parity"
     assert len(matrix) == 3
-    shown = dvc(repo, "metrics", "show").stdout
+    metrics_table = dvc(repo, "metrics", "show").stdout
     for key in METRIC_KEYS:
-        assert key in shown
+        assert key in metrics_table
 
 
 def test_plots_show_renders_heatmap(reproduced):

@@ -38,6 +38,7 @@ def prefect_server(tmp_path_factory):
         PREFECT_UI_ENABLED="false",
         PATH=str(BIN) + os.pathsep + os.environ["PATH"],
     )
+
     log = (home / "server.log").open("w")
     server = subprocess.Popen(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -45,6 +46,7 @@ def prefect_server(tmp_path_factory):
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+
     deadline = time.monotonic() + 90
     while True:
         try:
@@ -57,7 +59,9 @@ def prefect_server(tmp_path_factory):
             server.kill()
             pytest.fail(f"Prefect server did not start:\n{(home / 'server.log').read_text()[-3000:]}")
         time.sleep(1)
+
     yield env
+
     server.terminate()
     try:
         server.wait(timeout=20)
