@@ -33,7 +33,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from drape.config import ConfigError
     from drape.data.records import RecordError
     from drape.features import FeatureError
-    from drape.methods.drape.state import CheckpointError
+    from drape.methods.base import CheckpointError
     from drape.metrics import MatrixError
 
     return (ConfigError, RecordError, FeatureError, CheckpointError, MatrixError, FileNotFoundError)

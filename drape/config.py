@@ -8,7 +8,10 @@
   it in ``after`` (``init`` for the first one) so that ``dvc.yaml`` can chain the
   per-task stages. It carries its own ``data`` and ``train`` settings, so changing one
   task re-runs that task and the later ones only.
-* ``drape``: the method's architecture and its continual-learning settings.
+* ``method``: the continual-learning method (``drape`` or a baseline of ``drape.methods``).
+* one section per method, named like it (``drape``, ``l2p``, ``o_lora``, ...): its
+  architecture and continual-learning settings. Only the selected method's section is
+  read, and ``dvc.yaml`` tracks only that one.
 * ``evaluate``: decoding settings of the evaluation stages.
 * ``tracking``: where MLflow records runs.
 
@@ -24,7 +27,20 @@ from typing import Any, Literal
 from ruamel.yaml import YAML, YAMLError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from drape.methods.drape.config import DrapeConfig
+from drape.methods import (
+    METHODS,
+    CodaPromptConfig,
+    DrapeConfig,
+    DualPromptConfig,
+    HideLoraConfig,
+    JointConfig,
+    L2PConfig,
+    ModalPromptConfig,
+    OLoraConfig,
+    SeqFtConfig,
+    SeqLoraConfig,
+    ZeroShotConfig,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,14 +101,27 @@ class EvaluateConfig(_Section):
 class TrackingConfig(_Section):
     mlflow_uri: str = "sqlite:///mlflow.db"
     experiment: str = "drape-mini-stream"
+    run_name: str | None = None
+    """Name of the MLflow parent run (default: ``<method>-seed<seed>``)."""
 
 
 class PipelineConfig(_Section):
     seed: int = 0
-    method: Literal["drape"] = "drape"
+    method: Literal[tuple(METHODS)] = "drape"  # type: ignore[valid-type]
+    """The continual-learning method; its settings are the section of the same name."""
     models: ModelsConfig = ModelsConfig()
     stream: dict[str, TaskConfig]
     drape: DrapeConfig = DrapeConfig()
+    zero_shot: ZeroShotConfig = ZeroShotConfig()
+    seq_ft: SeqFtConfig = SeqFtConfig()
+    joint: JointConfig = JointConfig()
+    l2p: L2PConfig = L2PConfig()
+    dualprompt: DualPromptConfig = DualPromptConfig()
+    coda_prompt: CodaPromptConfig = CodaPromptConfig()
+    modalprompt: ModalPromptConfig = ModalPromptConfig()
+    seq_lora: SeqLoraConfig = SeqLoraConfig()
+    o_lora: OLoraConfig = OLoraConfig()
+    hide_lora: HideLoraConfig = HideLoraConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
 
@@ -115,6 +144,11 @@ class PipelineConfig(_Section):
                 )
             previous = name
         return stream
+
+    @property
+    def method_config(self) -> BaseModel:
+        """The settings of the selected method."""
+        return getattr(self, self.method)
 
     @property
     def task_names(self) -> list[str]:

@@ -63,6 +63,19 @@ class FeatureSet:
         return Record(id=self.ids[i], image=None, instruction=self.instructions[i], answer=self.answers[i], answers=answers)
 
 
+def concatenate(parts: list[FeatureSet]) -> FeatureSet:
+    """The samples of several feature sets as one, in order."""
+    return FeatureSet(
+        ids=[i for part in parts for i in part.ids],
+        instructions=[text for part in parts for text in part.instructions],
+        answers=[answer for part in parts for answer in part.answers],
+        answer_lists=[answers for part in parts for answers in part.answer_lists],
+        patches=torch.cat([part.patches for part in parts]),
+        pooled=torch.cat([part.pooled for part in parts]),
+        text=torch.cat([part.text for part in parts]),
+    )
+
+
 def _fixed_list(values: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListArray:
     flat = values.reshape(values.shape[0], -1)
     return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1).astype(dtype.to_pandas_dtype())), flat.shape[1])

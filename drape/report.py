@@ -25,6 +25,8 @@ from drape.nullspace import relative_change
 
 logger = logging.getLogger(__name__)
 
+NOT_ROUTED = "not routed"
+
 
 def read_stage_scores(eval_dir: Path, stream: list[str]) -> AccuracyMatrix:
     """Assemble the accuracy matrix from the evaluation stages' ``scores.json`` files."""
@@ -89,13 +91,28 @@ def plot_heatmap(
 def projector_drift(ctx, first: str, last: str) -> float:
     """Relative change of the projector's output on the first task's training features between
     the end of the first task and the end of the stream."""
-    from drape.methods.drape.state import load_projector_output
+    from drape.methods.base import load_projector_output
 
     patches = ctx.features(first, "train").patches
     dims = (ctx.encoder_info["image_dim"], ctx.llm_dim)
     before = load_projector_output(ctx.paths.train / first, patches, *dims)
     after = load_projector_output(ctx.paths.train / last, patches, *dims)
     return relative_change(before, after)
+
+
+def cost_metrics(ctx, stream: list[str]) -> dict[str, float]:
+    """Trainable parameters per task (mean over the stream), stored parameters after the
+    stream, and decoding latency per test sample in the last evaluation."""
+    logs = [json.loads((ctx.paths.train / task / "train_log.json").read_text()) for task in stream]
+    final = ctx.load_state(stream[-1], attach=False)
+    timing = json.loads((ctx.paths.eval / stream[-1] / "scores.json").read_text()).get("timing", {})
+    metrics = {
+        "trainable_parameters_per_task": float(np.mean([log["trainable_parameters"] for log in logs])),
+        "stored_parameters": float(final.stored_parameters()),
+    }
+    if timing.get("samples"):
+        metrics["latency_ms_per_sample"] = 1000.0 * timing["seconds"] / timing["samples"]
+    return metrics
 
 
 def build_report(ctx, launcher: str = "dvc", log_to_mlflow: bool = True) -> dict:
@@ -106,9 +123,13 @@ def build_report(ctx, launcher: str = "dvc", log_to_mlflow: bool = True) -> dict
     metrics = compute_metrics(matrix).as_dict()
 
     pairs = read_routing(paths.eval, stream[-1])
-    confusion = routing_confusion(pairs, stream)
-    metrics["routing_accuracy"] = 100.0 * float(np.trace(confusion)) / max(1, int(confusion.sum()))
+    routed = [(true, routed) for true, routed in pairs if routed is not None]
+    confusion = routing_confusion(routed, stream)
+    if routed:
+        # Methods that pick no task-specific part (L2P, CODA-Prompt, LoRA without experts) have no routing.
+        metrics["routing_accuracy"] = 100.0 * float(np.trace(confusion)) / max(1, int(confusion.sum()))
     metrics["projector_drift"] = projector_drift(ctx, stream[0], stream[-1])
+    metrics.update(cost_metrics(ctx, stream))
     metrics = {key: round(float(value), 4) for key, value in metrics.items()}
 
     staging = paths.report.with_name(paths.report.name + ".partial")
@@ -123,7 +144,8 @@ def build_report(ctx, launcher: str = "dvc", log_to_mlflow: bool = True) -> dict
     with (staging / "routing.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["actual", "routed"])
-        writer.writerows(pairs)
+        # A method that does not route records its samples as 'not routed'.
+        writer.writerows((true, routed if routed is not None else NOT_ROUTED) for true, routed in pairs)
     with (staging / "average.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["stage", "trained", "average_accuracy"])

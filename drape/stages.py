@@ -75,13 +75,28 @@ class StageContext:
 
         return load_clip(self.paths.models / "clip", patch_grid=self.config.models.patch_grid)
 
+    @property
+    def dims(self):
+        from drape.methods.base import ModelDims
+
+        info = self.encoder_info
+        return ModelDims(encoder=info["name"], vision_dim=info["image_dim"], text_dim=info["text_dim"], llm_dim=self.llm_dim)
+
     def new_state(self):
-        from drape.methods.drape.state import DrapeState
+        """A fresh instance of the configured method."""
+        from drape.methods import create_method
 
-        return DrapeState(self.config.drape, self.encoder_info["image_dim"], self.llm_dim, self.encoder_info["name"])
+        try:
+            return create_method(self.config.method, self.config.method_config, self.dims)
+        except ValueError as error:
+            raise ConfigError(f"{self.params_path}: {self.config.method}: {error}") from None
 
-    def load_state(self, stage: str):
-        return self.new_state().load(self.paths.train / stage)
+    def load_state(self, stage: str, attach: bool = True):
+        """The method's state after ``stage``, connected to the frozen LLM unless ``attach`` is false."""
+        state = self.new_state().load(self.paths.train / stage)
+        if attach:
+            state.attach(self.llm)
+        return state
 
     def features(self, task: str, split: str):
         from drape.features import load_features
@@ -158,7 +173,16 @@ def stage_train(ctx: StageContext, task: str) -> None:
     settings = ctx.config.task(task)
     state = ctx.load_state(settings.after)
     features = ctx.features(task, "train")
-    log = train_task(state, ctx.llm, task, features, settings.train, ctx.config.seed, ctx.config.drape.nullspace)
+    steps = None
+    if getattr(state, "trains_on_seen_tasks", False):
+        # The joint reference trains on every task seen so far, for the new task's step budget.
+        from drape.features import concatenate
+        from drape.train import planned_steps
+
+        seen = ctx.config.task_names[: ctx.config.task_names.index(task) + 1]
+        steps = planned_steps(len(features), settings.train)
+        features = concatenate([ctx.features(name, "train") for name in seen])
+    log = train_task(state, ctx.llm, task, features, settings.train, ctx.config.seed, steps=steps)
 
     state.save(ctx.paths.train / task, extra_files={"train_log.json": json.dumps(log.as_dict(), indent=2)})
 
@@ -194,7 +218,7 @@ def stage_evaluate(ctx: StageContext, task: str) -> None:
     prototypes = ctx.load_prototypes(task)
     settings = ctx.config.evaluate
 
-    scores, predictions, routing = {}, [], {}
+    scores, predictions, routing, seconds = {}, [], {}, 0.0
     for name, task_config in ctx.config.stream.items():
         scorer = get_scorer(TASK_KINDS[task_config.data.kind].scorer)
         result = evaluate_task(
@@ -204,18 +228,19 @@ def stage_evaluate(ctx: StageContext, task: str) -> None:
             name,
             ctx.features(name, "test"),
             scorer,
-            alpha=ctx.config.drape.routing_alpha,
             batch_size=settings.batch_size,
             max_new_tokens=settings.max_new_tokens,
-            oracle_routing=ctx.config.drape.oracle_routing,
         )
         scores[name] = result.score
         predictions.extend(result.predictions)
-        routing[name] = dict(result.routed)
+        routing[name] = {str(key): count for key, count in result.routed.items()}
+        seconds += result.seconds
 
     staging = _staging_dir(ctx.paths.eval / task)
-    (staging / "scores.json").write_text(json.dumps({"trained": task, "scores": scores}, indent=2))
-    (staging / "routing.json").write_text(json.dumps({"trained_tasks": state.tasks, "routed": routing}, indent=2))
+    timing = {"samples": len(predictions), "seconds": round(seconds, 3), "batch_size": settings.batch_size}
+    (staging / "scores.json").write_text(json.dumps({"trained": task, "scores": scores, "timing": timing}, indent=2))
+    routing_summary = {"method": ctx.config.method, "routing": state.routing, "trained_tasks": state.tasks, "routed": routing}
+    (staging / "routing.json").write_text(json.dumps(routing_summary, indent=2))
     with (staging / "predictions.jsonl").open("w") as handle:
         for row in predictions:
             handle.write(json.dumps(row) + "\n")
@@ -238,7 +263,7 @@ def train_alone(ctx: StageContext, task: str) -> dict:
     settings = ctx.config.task(task)
     state = ctx.load_state(INIT_STAGE)
     train = ctx.features(task, "train")
-    log = train_task(state, ctx.llm, task, train, settings.train, ctx.config.seed, ctx.config.drape.nullspace)
+    log = train_task(state, ctx.llm, task, train, settings.train, ctx.config.seed)
     prototypes = Prototypes.empty(ctx.encoder_info["image_dim"], ctx.encoder_info["text_dim"]).add(task, train.pooled, train.text)
     result = evaluate_task(
         state,
@@ -247,7 +272,6 @@ def train_alone(ctx: StageContext, task: str) -> dict:
         task,
         ctx.features(task, "test"),
         get_scorer(TASK_KINDS[settings.data.kind].scorer),
-        alpha=ctx.config.drape.routing_alpha,
         batch_size=ctx.config.evaluate.batch_size,
         max_new_tokens=ctx.config.evaluate.max_new_tokens,
     )

@@ -69,7 +69,9 @@ def log_pipeline_run(ctx, matrix, metrics: dict[str, float], confusion: np.ndarr
     if os.environ.get("PREFECT__FLOW_RUN_ID"):
         tags["prefect_flow_run_id"] = os.environ["PREFECT__FLOW_RUN_ID"]
 
-    with mlflow.start_run(run_name=f"{config.method}-seed{config.seed}", tags=tags) as parent:
+    run_name = config.tracking.run_name or f"{config.method}-seed{config.seed}"
+    tags["variant"] = run_name
+    with mlflow.start_run(run_name=run_name, tags=tags) as parent:
         # MLflow caps a parameter value at a few thousand characters; the flattened keys stay short.
         mlflow.log_params(params)
         mlflow.log_metrics(metrics)
@@ -88,6 +90,7 @@ def log_pipeline_run(ctx, matrix, metrics: dict[str, float], confusion: np.ndarr
                         "samples_per_second": train_log["samples_per_second"],
                         "train_seconds": train_log["seconds"],
                         "trainable_parameters": train_log["trainable_parameters"],
+                        **({"max_subspace_overlap": train_log["max_subspace_overlap"]} if "max_subspace_overlap" in train_log else {}),
                         **{f"nullspace_rank.{layer}": rank for layer, rank in train_log["nullspace_rank"].items()},
                         **{f"prototype.{name}": value for name, value in prototype_stats.items()},
                         **{

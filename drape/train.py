@@ -1,9 +1,10 @@
-"""Training of one task of the stream: a new prompt generator and the shared projector.
+"""Training of one task of the stream, the same loop for every method.
 
-The shared projector's updates are projected onto the null space of the earlier tasks'
-inputs (see ``drape.nullspace``). After the task, its inputs are added to the covariances,
-so the next task protects this one too. Training runs through ``accelerate``, so the
-same code runs on a CPU, one GPU or several.
+The method supplies the trainable parameters (its task parameters and, unless it freezes
+it, the shared projector), the soft tokens the frozen LLM reads, an optional extra loss
+term, and hooks around the optimizer step (DRAPE projects the projector's update onto
+the null space of earlier tasks' inputs there). Training runs through ``accelerate``, so
+the same code runs on a CPU, one GPU or several.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from accelerate import Accelerator
 
 from drape.config import TaskTrainConfig
 from drape.features import FeatureSet
-from drape.methods.drape.state import DrapeState
+from drape.methods.base import ContinualMethod, count_parameters
 from drape.mllm import FrozenLLM
 from drape.progress import progress
 
@@ -29,7 +30,9 @@ logger = logging.getLogger(__name__)
 class TrainLog:
     task: str
     losses: list[float] = field(default_factory=list)
-    """Training loss of every optimizer step."""
+    """Training loss of every optimizer step (the method's regularizer included)."""
+    regularizer: list[float] = field(default_factory=list)
+    """The method's extra loss term at every step, when it has one."""
     steps: int = 0
     samples_seen: int = 0
     seconds: float = 0.0
@@ -38,6 +41,8 @@ class TrainLog:
     protected_rank_during_training: dict[str, int] = field(default_factory=dict)
     """Rank of the subspace that constrained this task's updates (earlier tasks')."""
     trainable_parameters: int = 0
+    extra: dict = field(default_factory=dict)
+    """Method-specific values reported at the end of the task."""
 
     @property
     def samples_per_second(self) -> float:
@@ -47,6 +52,7 @@ class TrainLog:
         return {
             "task": self.task,
             "losses": self.losses,
+            "regularizer": self.regularizer,
             "steps": self.steps,
             "samples_seen": self.samples_seen,
             "seconds": round(self.seconds, 3),
@@ -55,70 +61,89 @@ class TrainLog:
             "nullspace_rank": self.nullspace_rank,
             "protected_rank_during_training": self.protected_rank_during_training,
             "trainable_parameters": self.trainable_parameters,
+            **self.extra,
         }
 
 
-def drape_content(state: DrapeState, llm: FrozenLLM, task: str, patches: torch.Tensor, instructions: list[str]) -> torch.Tensor:
-    """Soft prompts of ``task``'s generator followed by the visual tokens: (B, L_p + N_p, d_llm)."""
-    visual = state.projector(patches)  # (B, N_p, d_llm)
-    instruction, mask = llm.embed_instructions(instructions)
-    prompts = state.generators[task](instruction, mask, visual)  # (B, L_p, d_llm)
-    return torch.cat([prompts, visual], dim=1)
+def planned_steps(samples: int, settings: TaskTrainConfig) -> int:
+    """Optimizer steps of a task: every epoch over ``samples``, capped by ``max_steps``."""
+    steps = settings.epochs * math.ceil(samples / settings.batch_size)
+    return min(steps, settings.max_steps) if settings.max_steps is not None else steps
 
 
 def train_task(
-    state: DrapeState,
+    state: ContinualMethod,
     llm: FrozenLLM,
     task: str,
     features: FeatureSet,
     settings: TaskTrainConfig,
     seed: int,
-    use_nullspace: bool = True,
     accelerator: Accelerator | None = None,
+    steps: int | None = None,
 ) -> TrainLog:
-    """Train task ``task`` in place on ``state`` and return its log."""
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    generator_module = state.add_task(task)
-    log = TrainLog(task=task, protected_rank_during_training=state.nullspace.ranks())
-    if not use_nullspace:
-        logger.info("null-space protection is off: the projector trains without constraint")
+    """Train task ``task`` in place on ``state`` and return its log.
 
-    groups = [{"params": list(generator_module.parameters()), "lr": settings.generator_lr}]
-    if settings.projector_lr > 0:
+    ``features`` are the samples the task trains on (the joint reference passes every task
+    seen so far). ``steps`` overrides the number of optimizer steps given by ``settings``.
+    """
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    state.add_task(task)
+    log = TrainLog(task=task, protected_rank_during_training=state.nullspace.ranks() if state.nullspace else {})
+
+    groups = []
+    task_parameters = state.task_parameters(task)
+    if task_parameters:
+        groups.append({"params": task_parameters, "lr": state.learning_rate(settings.generator_lr)})
+    if settings.projector_lr > 0 and state.trains_projector():
         groups.append({"params": list(state.projector.parameters()), "lr": settings.projector_lr})
     else:
         state.projector.requires_grad_(False)
-    log.trainable_parameters = sum(p.numel() for group in groups for p in group["params"])
-    optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+    log.trainable_parameters = count_parameters(p for group in groups for p in group["params"])
 
     state.to(accelerator.device)
     llm.to(accelerator.device)
-    state, optimizer = accelerator.prepare(state, optimizer)
-    model = accelerator.unwrap_model(state)
+    total_steps = planned_steps(len(features), settings) if steps is None else steps
+    if not groups:
+        logger.info("task %s: the method trains nothing; its state is saved as it is", task)
+        total_steps = 0
+    logger.info("training task %s: %d samples, %d steps, %d trainable parameters", task, len(features), total_steps, log.trainable_parameters)
+
+    if total_steps:
+        _run_steps(state, llm, task, features, settings, seed, accelerator, groups, total_steps, log)
+
+    state.eval()
+    state.projector.requires_grad_(True)
+    extra = state.end_task(task, features, accelerator.device)
+    log.nullspace_rank = extra.pop("nullspace_rank", {})
+    log.extra = extra
+    logger.info("task %s done in %.1f s; protected ranks %s", task, log.seconds, log.nullspace_rank)
+    return log
+
+
+def _run_steps(state, llm, task, features, settings, seed, accelerator, groups, total_steps, log) -> None:
+    optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+    prepared, optimizer = accelerator.prepare(state, optimizer)
+    model = accelerator.unwrap_model(prepared)
     model.train()
 
     generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = math.ceil(len(features) / settings.batch_size)
-    total_steps = settings.epochs * steps_per_epoch
-    if settings.max_steps is not None:
-        total_steps = min(total_steps, settings.max_steps)
-    logger.info("training task %s: %d samples, %d steps, %d trainable parameters", task, len(features), total_steps, log.trainable_parameters)
-
     started = time.perf_counter()
     bar = progress(range(total_steps), desc=f"train {task}")
     batches = _batches(len(features), settings.batch_size, generator)
     for step in bar:
         indices = next(batches)
         batch = features.select(indices)
-        content = drape_content(model, llm, task, batch.patches.to(accelerator.device), batch.instructions)
+        content = model.content(llm, batch, task)
         loss = llm.loss(content, batch.instructions, batch.answers)
+        extra = model.regularizer(batch, task)
+        if extra is not None:
+            log.regularizer.append(float(extra.detach()))
+            loss = loss + extra
 
         accelerator.backward(loss)
-        if use_nullspace:
-            model.nullspace.snapshot()
+        model.before_optimizer_step()
         optimizer.step()
-        if use_nullspace:
-            model.nullspace.project_step()
+        model.after_optimizer_step()
         optimizer.zero_grad(set_to_none=True)
 
         log.losses.append(float(loss.detach()))
@@ -129,21 +154,6 @@ def train_task(
         if step % max(1, total_steps // 5) == 0 or step == total_steps - 1:
             logger.info("task %s step %d/%d loss %.4f", task, step + 1, total_steps, log.losses[-1])
     log.seconds = time.perf_counter() - started
-
-    model.eval()
-    state.projector.requires_grad_(True)
-    accumulate_covariance(model, features, accelerator.device)
-    log.nullspace_rank = model.nullspace.update_bases()
-    logger.info("task %s done in %.1f s; protected ranks %s", task, log.seconds, log.nullspace_rank)
-    return log
-
-
-@torch.no_grad()
-def accumulate_covariance(state: DrapeState, features: FeatureSet, device: torch.device, batch_size: int = 64) -> None:
-    """Add the projector's layer inputs on ``features`` to the null-space covariances."""
-    with state.nullspace.accumulating():
-        for start in range(0, len(features), batch_size):
-            state.projector(features.patches[start : start + batch_size].to(device))
 
 
 def _batches(size: int, batch_size: int, generator: torch.Generator):

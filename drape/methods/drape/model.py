@@ -90,3 +90,17 @@ class PromptGenerator(nn.Module):
         looked, _ = self.cross_attention(queries, visual, visual, need_weights=False)
         queries = self.cross_norm(queries + looked)
         return self.mlp(queries)  # (B, L_p, d_llm)
+
+
+class FixedPrompt(nn.Module):
+    """One learned prompt for every sample of a task: the ablation of the generator.
+
+    It takes the generator's inputs and ignores them, so both plug into the same place.
+    """
+
+    def __init__(self, llm_dim: int, prompt_length: int):
+        super().__init__()
+        self.prompt = nn.Parameter(torch.randn(prompt_length, llm_dim) * 0.002)
+
+    def forward(self, instruction: torch.Tensor, mask: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        return self.prompt.unsqueeze(0).expand(visual.shape[0], -1, -1)  # (B, L_p, d_llm)

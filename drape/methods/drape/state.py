@@ -1,126 +1,91 @@
-"""The DRAPE model state after a stage of the stream, and its safetensors checkpoint.
+"""DRAPE as a continual-learning method: per-task prompt generators, a null-space protected
+shared projector and prototype routing.
 
-A checkpoint folder contains everything that the evaluation after that stage and the
-training of the next task need:
-
-* ``projector.safetensors``: the shared projector;
-* ``generators.safetensors``: one prompt generator per task trained so far;
-* ``nullspace.safetensors``: the accumulated input covariances of the projector's layers;
-* ``state.json``: the configuration fingerprint, the trained tasks and the generator names.
-
-Loading compares the fingerprint with the current configuration, so a checkpoint from a
-projector or generator of another shape stops with a message instead of a shape error
-deep inside torch.
+The ablations are settings of the same class: ``nullspace: false`` trains the projector
+without protection, ``freeze_projector_after_first_task`` stops its training after the
+first task, ``oracle_routing`` picks the generator by the true task label, and
+``prompts: fixed`` replaces each generator by one learned prompt per task.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import shutil
-from pathlib import Path
-
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from drape.methods.base import CheckpointError, ContinualMethod, ModelDims, load_projector_output
 from drape.methods.drape.config import DrapeConfig
-from drape.methods.drape.model import Projector, PromptGenerator
+from drape.methods.drape.model import FixedPrompt, PromptGenerator
 from drape.nullspace import NullSpaceProjector
 
-logger = logging.getLogger(__name__)
-
-STATE_FILE = "state.json"
+__all__ = ["CheckpointError", "DrapeState", "load_projector_output"]
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing or was written under another configuration."""
-
-
-def fingerprint(config: DrapeConfig, vision_dim: int, llm_dim: int, encoder: str) -> dict:
-    """Collect the settings that fix the shapes and meaning of a checkpoint's tensors."""
-    return {
-        "method": "drape",
-        "encoder": encoder,
-        "vision_dim": vision_dim,
-        "llm_dim": llm_dim,
-        "hidden": config.hidden,
-        "prompt_length": config.prompt_length,
-        "heads": config.heads,
-    }
-
-
-class DrapeState(nn.Module):
+class DrapeState(ContinualMethod):
     """The shared projector, the generators of the tasks trained so far, and the null-space state."""
 
-    def __init__(self, config: DrapeConfig, vision_dim: int, llm_dim: int, encoder: str):
-        super().__init__()
-        self.config = config
-        self.llm_dim = llm_dim
-        self.fingerprint = fingerprint(config, vision_dim, llm_dim, encoder)
-        self.projector = Projector(vision_dim, llm_dim)
+    name = "drape"
+    architecture_keys = ("hidden", "prompt_length", "heads", "prompts")
+
+    def __init__(self, config: DrapeConfig, dims: ModelDims):
+        super().__init__(config, dims)
         self.generators = nn.ModuleDict()
+        # The covariances are kept even with ``nullspace: false`` so that the drift and the
+        # ranks are comparable between DRAPE and the ablation; only the projection is off.
         self.nullspace = NullSpaceProjector(self.projector, config.nullspace_threshold)
 
     @property
-    def tasks(self) -> list[str]:
-        return list(self.generators)
+    def routing(self) -> str:  # type: ignore[override]
+        return "oracle" if self.config.oracle_routing else "prototypes"
 
-    def add_task(self, task: str) -> PromptGenerator:
-        """Create task ``task``'s generator; a task is learned once per stream."""
-        if task in self.generators:
-            raise CheckpointError(f"task '{task}' already has a generator in this checkpoint; each task is trained once")
-        self.generators[task] = PromptGenerator(self.llm_dim, self.config)
-        return self.generators[task]
+    def add_task(self, task: str) -> None:
+        super().add_task(task)
+        if self.config.prompts == "fixed":
+            self.generators[task] = FixedPrompt(self.dims.llm_dim, self.config.prompt_length)
+        else:
+            self.generators[task] = PromptGenerator(self.dims.llm_dim, self.config)
 
-    def save(self, out_dir: Path, extra_files: dict[str, str] | None = None) -> None:
-        """Write the checkpoint folder atomically (a temporary folder renamed at the end).
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
+        return list(self.generators[task].parameters())
 
-        ``extra_files`` maps file names to text written into the folder with the tensors.
-        """
-        staging = out_dir.with_name(out_dir.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()}, staging / "projector.safetensors")
-        generators = {f"{task}.{k}": v.contiguous() for task, gen in self.generators.items() for k, v in gen.state_dict().items()}
-        save_file(generators, staging / "generators.safetensors")
-        save_file(self.nullspace.state_dict(), staging / "nullspace.safetensors")
-        (staging / STATE_FILE).write_text(json.dumps({"fingerprint": self.fingerprint, "tasks": self.tasks}, indent=2))
-        for name, text in (extra_files or {}).items():
-            (staging / name).write_text(text)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        staging.rename(out_dir)
+    def trains_projector(self) -> bool:
+        return not (self.config.freeze_projector_after_first_task and len(self.task_names) > 1)
 
-    def load(self, checkpoint_dir: Path) -> DrapeState:
-        """Load a checkpoint folder written by ``save`` into this state."""
-        state_path = checkpoint_dir / STATE_FILE
-        if not state_path.is_file():
-            raise CheckpointError(f"{state_path}: checkpoint not found; run the stage that writes it (dvc repro)")
-        try:
-            stored = json.loads(state_path.read_text())
-        except json.JSONDecodeError as error:
-            raise CheckpointError(f"{state_path}:{error.lineno}: not valid JSON ({error.msg}); re-run the stage that writes it") from None
-        for key, expected in self.fingerprint.items():
-            found = stored["fingerprint"].get(key)
-            if found != expected:
-                raise CheckpointError(
-                    f"{state_path}: checkpoint was written with {key}={found!r} but the configuration has "
-                    f"{key}={expected!r}; re-run the stream from its first task (dvc repro) or restore the settings"
-                )
+    def route(self, pooled, text, prototypes, task):
+        if self.config.oracle_routing and task in self.generators:
+            return [task] * len(pooled)
+        # Without a generator for ``task`` (forward transfer), the oracle routes like DRAPE.
+        return prototypes.route(pooled, text, self.config.routing_alpha)
 
-        self.projector.load_state_dict(load_file(checkpoint_dir / "projector.safetensors"))
-        generators = load_file(checkpoint_dir / "generators.safetensors")
-        for task in stored["tasks"]:
-            generator = self.add_task(task)
-            prefix = f"{task}."
-            generator.load_state_dict({k[len(prefix) :]: v for k, v in generators.items() if k.startswith(prefix)})
-        self.nullspace.load_state_dict(load_file(checkpoint_dir / "nullspace.safetensors"))
-        return self
+    def content(self, llm, batch, route):
+        return generated_content(self.projector, self.generators[route], llm, batch)
+
+    def before_optimizer_step(self) -> None:
+        if self.config.nullspace:
+            self.nullspace.snapshot()
+
+    def after_optimizer_step(self) -> None:
+        if self.config.nullspace:
+            self.nullspace.project_step()
+
+    def end_task(self, task, features, device):
+        accumulate_covariance(self.projector, self.nullspace, features, device)
+        return {"nullspace_rank": self.nullspace.update_bases()}
+
+    def stored_tensors(self):
+        return {f"generators.{k}": v for k, v in self.generators.state_dict().items()}
 
 
-def load_projector_output(checkpoint_dir: Path, patches: torch.Tensor, vision_dim: int, llm_dim: int) -> torch.Tensor:
-    """Apply the projector stored in ``checkpoint_dir`` to ``patches``."""
-    projector = Projector(vision_dim, llm_dim)
-    projector.load_state_dict(load_file(checkpoint_dir / "projector.safetensors"))
-    with torch.no_grad():
-        return projector(patches)
+def generated_content(projector, generator, llm, batch) -> torch.Tensor:
+    """Soft prompts of ``generator`` followed by the visual tokens: (B, L_p + N_p, d_llm)."""
+    visual = projector(batch.patches.to(llm.device))  # (B, N_p, d_llm)
+    instruction, mask = llm.embed_instructions(batch.instructions)
+    prompts = generator(instruction, mask, visual)  # (B, L_p, d_llm)
+    return torch.cat([prompts, visual], dim=1)
+
+
+@torch.no_grad()
+def accumulate_covariance(projector, nullspace: NullSpaceProjector, features, device: torch.device, batch_size: int = 64) -> None:
+    """Add the projector's layer inputs on ``features`` to the null-space covariances."""
+    with nullspace.accumulating():
+        for start in range(0, len(features), batch_size):
+            projector(features.patches[start : start + batch_size].to(device))
