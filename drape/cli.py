@@ -1,4 +1,4 @@
-"""The ``drape`` command line: pipeline stages, metrics of any accuracy matrix, the last report."""
+"""The ``drape`` command line: pipeline stages, metrics of any accuracy matrix, re-scoring, the last report."""
 
 from __future__ import annotations
 
@@ -35,8 +35,19 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from drape.features import FeatureError
     from drape.methods.base import CheckpointError
     from drape.metrics import MatrixError
+    from drape.scorers import UnknownScorerError
+    from drape.scorers.rescore import PredictionFileError
 
-    return (ConfigError, RecordError, FeatureError, CheckpointError, MatrixError, FileNotFoundError)
+    return (
+        ConfigError,
+        RecordError,
+        FeatureError,
+        CheckpointError,
+        MatrixError,
+        UnknownScorerError,
+        PredictionFileError,
+        FileNotFoundError,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +84,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     metrics.add_argument("--matrix", required=True, type=Path, help="the accuracy matrix CSV, scores in percent")
     metrics.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    score = commands.add_parser(
+        "score",
+        help="re-score saved predictions (JSONL) with a scorer and print the score in percent",
+        description=(
+            "Re-score saved predictions without running a model. Each line of FILE is a JSON object with "
+            "'prediction' and 'answer' or 'answers' (and 'box' for grounding_iou; 'id' and 'instruction' "
+            "are used when present). Prints the score in percent (every metric for the caption scorer) and "
+            "the number of scored and skipped lines, and names each line it cannot score. Exits with 1 when "
+            "any line cannot be scored (with --skip-invalid, only when no line can be), and with 2 when "
+            "the file cannot be read or the scorer is unknown."
+        ),
+    )
+    score.add_argument("file", type=Path, metavar="FILE", help="the predictions, one JSON object per line")
+    score.add_argument("--scorer", required=True, help="the scorer's name, e.g. vqa_accuracy or caption")
+    score.add_argument("--json", action="store_true", help="print the result as JSON (metrics in percent)")
+    score.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="exit with 0 even when some lines could not be scored (they are still listed on stderr)",
+    )
 
     alone = commands.add_parser(
         "train-alone",
@@ -134,6 +166,42 @@ def run_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_score(args: argparse.Namespace) -> int:
+    from drape.scorers.rescore import rescore_file
+
+    result = rescore_file(args.scorer, args.file)
+    for line_number, reason in result.problems:
+        print(f"{args.file}:{line_number}: {reason}", file=sys.stderr)
+    percent = {name: 100.0 * value for name, value in result.metrics.items()}
+
+    if args.json:
+        output = {
+            "file": str(args.file),
+            "scorer": result.scorer,
+            "scored": result.scored,
+            "skipped": len(result.problems),
+            "metrics": percent,
+            "problems": [{"line": line_number, "error": reason} for line_number, reason in result.problems],
+        }
+        print(json.dumps(output, indent=2))
+    else:
+        for name, value in percent.items():
+            print(f"{name:<16}{value:8.2f}")
+        print(f"lines scored: {result.scored}, skipped: {len(result.problems)}")
+
+    if not result.scored:
+        print(f"drape: error: {args.file}: no line could be scored", file=sys.stderr)
+        return 1
+    if result.problems and not args.skip_invalid:
+        print(
+            f"drape: error: {len(result.problems)} lines of {args.file} could not be scored, so the score "
+            "covers only the other lines; fix them, or pass --skip-invalid to accept the partial score",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def run_show(args: argparse.Namespace) -> int:
     from drape.metrics import format_matrix, read_matrix_csv
 
@@ -159,7 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    handlers = {"stage": run_stage, "metrics": run_metrics, "show": run_show, "train-alone": run_train_alone}
+    handlers = {
+        "stage": run_stage,
+        "metrics": run_metrics,
+        "score": run_score,
+        "show": run_show,
+        "train-alone": run_train_alone,
+    }
     try:
         return handlers[args.command](args)
     except _user_errors() as error:

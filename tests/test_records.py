@@ -270,6 +270,26 @@ def test_invalid_answers_list_is_rejected(tmp_path, image_root, answers):
         read_records(path, image_root=image_root)
 
 
+@pytest.mark.parametrize("box", [[0.1, 0.2, 0.3], "[0.1, 0.2, 0.3, 0.4]", [0.1, 0.2, 0.3, "0.4"], [0, 0, 1, True]])
+def test_invalid_box_is_rejected(tmp_path, image_root, box):
+    raw = raw_record()
+    raw["box"] = box
+    path = write_jsonl(tmp_path / "split.jsonl", [raw])
+
+    with pytest.raises(RecordError, match=r"'box' must be a list of four numbers \[x1, y1, x2, y2\]"):
+        read_records(path, image_root=image_root)
+
+
+def test_box_round_trips(tmp_path):
+    record = Record(id="g", image=None, instruction="Where is the cat?", answer="[0.10, 0.20, 0.50, 0.90]", box=[0.1, 0.2, 0.5, 0.9])
+    assert record.box == (0.1, 0.2, 0.5, 0.9)
+    path = tmp_path / "split.jsonl"
+    write_records(path, [record])
+
+    assert json.loads(path.read_text())["box"] == [0.1, 0.2, 0.5, 0.9]
+    assert read_records(path) == [record]
+
+
 def test_duplicate_id_names_both_lines(tmp_path, image_root):
     path = write_jsonl(tmp_path / "split.jsonl", [raw_record("a"), raw_record("b"), raw_record("a")])
 

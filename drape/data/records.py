@@ -10,6 +10,8 @@ records like::
 
 ``image`` is relative to an image root and is absent for text-only records.
 ``answers`` is optional and lists every annotator answer of a test record.
+``box`` is optional and holds a grounding record's reference box as
+``[x1, y1, x2, y2]``, normalised to [0, 1] as in LLaVA-1.5.
 Only the first human/gpt exchange becomes a :class:`Record`.
 """
 
@@ -58,6 +60,8 @@ class Record:
     answer: str
     # Every annotator answer of a test record (used by vqa_accuracy); None when absent.
     answers: tuple[str, ...] | None = None
+    # Reference box (x1, y1, x2, y2) of a grounding record (used by grounding_iou); None when absent.
+    box: tuple[float, float, float, float] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
@@ -69,6 +73,8 @@ class Record:
         if self.answers is not None and not isinstance(self.answers, tuple):
             # A list passed by a caller is stored as a tuple so the record stays hashable.
             object.__setattr__(self, "answers", tuple(self.answers))
+        if self.box is not None and not isinstance(self.box, tuple):
+            object.__setattr__(self, "box", tuple(self.box))
 
 
 def load_image(path: Path) -> Image.Image:
@@ -219,7 +225,20 @@ def _parse_record(raw: Any, where: str) -> tuple[Record, int]:
             )
         answers = tuple(item.strip() for item in answers)
 
-    record = Record(id=record_id, image=image, instruction=instruction, answer=answer, answers=answers)
+    box = raw.get("box")
+    if box is not None:
+        if (
+            not isinstance(box, list)
+            or len(box) != 4
+            or not all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in box)
+        ):
+            raise RecordError(
+                f"{where}: 'box' must be a list of four numbers [x1, y1, x2, y2], got {box!r}; "
+                "fix it or drop the key"
+            )
+        box = tuple(float(value) for value in box)
+
+    record = Record(id=record_id, image=image, instruction=instruction, answer=answer, answers=answers, box=box)
     return record, len(turns) - 2
 
 
@@ -292,6 +311,8 @@ def record_to_json(record: Record) -> dict[str, Any]:
     ]
     if record.answers is not None:
         raw["answers"] = list(record.answers)
+    if record.box is not None:
+        raw["box"] = list(record.box)
     return raw
 
 

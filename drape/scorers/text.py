@@ -1,19 +1,10 @@
-"""Score a model's free-text prediction against a record's reference answer.
-
-Every scorer takes (prediction, record) and returns a float in [0, 1].
-"""
+"""Short-answer scorers: exact match, yes/no, option letter and mutual substring match."""
 
 from __future__ import annotations
 
-import logging
 import re
-from typing import Callable
 
 from drape.data.records import Record
-
-logger = logging.getLogger(__name__)
-
-Scorer = Callable[[str, Record], float]
 
 _NUMBER_WORDS = {
     "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
@@ -134,33 +125,16 @@ def choice_letter(prediction: str, record: Record) -> float:
     return float(extract_choice_letter(prediction, record.instruction) == expected)
 
 
-def vqa_accuracy(prediction: str, record: Record) -> float:
-    """Score min(number of annotators who gave the prediction / 3, 1) over record.answers.
+def substring_match(prediction: str, record: Record) -> float:
+    """Return 1.0 when either normalised text contains the other, else 0.0.
 
-    Answers are compared after normalize_answer. This is the simple VQA formula,
-    not the official average over the ten 9-annotator subsets. Records without
-    `answers` fall back to exact_match against record.answer.
+    This is the rule of UCIT's ImageNet-R evaluation: a prediction such as
+    "a goldfish in a bowl" is right for the class "goldfish", and so is "fish"
+    for "goldfish". The test is on characters, so "cat" also matches "bobcat".
+    An empty prediction scores 0.
     """
-    if not record.answers:
-        return exact_match(prediction, record)
     predicted = normalize_answer(prediction)
-    if not predicted:
+    expected = normalize_answer(record.answer)
+    if not predicted or not expected:
         return 0.0
-    matches = sum(normalize_answer(answer) == predicted for answer in record.answers)
-    return min(matches / 3.0, 1.0)
-
-
-SCORERS: dict[str, Scorer] = {
-    "exact_match": exact_match,
-    "yes_no": yes_no,
-    "choice_letter": choice_letter,
-    "vqa_accuracy": vqa_accuracy,
-}
-
-
-def get_scorer(name: str) -> Scorer:
-    """Return the scorer registered as `name`, or raise ValueError listing the known names."""
-    try:
-        return SCORERS[name]
-    except KeyError:
-        raise ValueError(f"Unknown scorer {name!r}; known scorers: {', '.join(sorted(SCORERS))}") from None
+    return float(expected in predicted or predicted in expected)
