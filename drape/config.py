@@ -96,6 +96,9 @@ class TaskConfig(_Section):
 class EvaluateConfig(_Section):
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(6, ge=1)
+    forward_transfer: bool = True
+    """Also evaluate the tasks not trained yet (the matrix above the diagonal). MFN, MFT,
+    MAA, BWT and forgetting do not use those entries, so switching it off saves time."""
 
 
 class TrackingConfig(_Section):

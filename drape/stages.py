@@ -219,7 +219,10 @@ def stage_evaluate(ctx: StageContext, task: str) -> None:
     settings = ctx.config.evaluate
 
     scores, predictions, routing, seconds = {}, [], {}, 0.0
-    for name, task_config in ctx.config.stream.items():
+    names = ctx.config.task_names
+    evaluated = names if settings.forward_transfer else names[: names.index(task) + 1]
+    for name in evaluated:
+        task_config = ctx.config.stream[name]
         scorer = get_scorer(TASK_KINDS[task_config.data.kind].scorer)
         result = evaluate_task(
             state,

@@ -79,5 +79,5 @@ def test_predictions_are_decoded_text(embedded_run):
 
 def test_checkpoints_are_safetensors(embedded_run):
     files = {path.name for path in (embedded_run / "results/train/shape").iterdir()}
-    assert {"projector.safetensors", "generators.safetensors", "nullspace.safetensors", "state.json"} <= files
+    assert {"projector.safetensors", "parameters.safetensors", "nullspace.safetensors", "state.json"} <= files
     assert not any(name.endswith((".pt", ".pth", ".bin", ".pkl")) for name in files)

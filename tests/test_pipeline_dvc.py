@@ -14,7 +14,10 @@ import yaml
 
 from conftest import make_pipeline_repo, small_params, write_params
 
-METRIC_KEYS = {"MFN", "MFT", "MAA", "BWT", "forgetting", "routing_accuracy", "projector_drift"}
+METRIC_KEYS = {
+    "MFN", "MFT", "MAA", "BWT", "forgetting", "routing_accuracy", "projector_drift",
+    "trainable_parameters_per_task", "stored_parameters", "latency_ms_per_sample",
+}
 
 
 def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
