@@ -26,11 +26,13 @@ class Projector(nn.Module):
 
     The input LayerNorm has no learnable parameters, so the only trained weights are the
     two Linear layers and both are covered by the null-space protection.
+    ``input_norm=False`` replaces the LayerNorm with an identity, which makes the module
+    LLaVA-1.5's ``mlp2x_gelu`` projector, so LLaVA's pretrained weights load unchanged.
     """
 
-    def __init__(self, vision_dim: int, llm_dim: int):
+    def __init__(self, vision_dim: int, llm_dim: int, input_norm: bool = True):
         super().__init__()
-        self.norm = nn.LayerNorm(vision_dim, elementwise_affine=False)
+        self.norm = nn.LayerNorm(vision_dim, elementwise_affine=False) if input_norm else nn.Identity()
         self.fc1 = nn.Linear(vision_dim, llm_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(llm_dim, llm_dim)

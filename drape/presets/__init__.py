@@ -1,0 +1,1 @@
+"""Model presets described as data: architecture, weight sources and training settings."""
