@@ -2,7 +2,7 @@
 
 ``comparison.yaml`` lists the rows (a method or ablation as ``params.yaml`` overrides), the
 budget applied to every task, the seeds and the rows that run with every seed. The
-Prefect flow ``flows.compare`` runs each row as a DVC experiment; this module builds the
+Prefect flow ``flows.compare`` runs each row as a DVC experiment. This module builds the
 overrides, reads each run's report and writes the table, the MFN-BWT plot and the raw
 numbers.
 """
@@ -104,14 +104,14 @@ def load_spec(path: Path) -> ComparisonSpec:
 
 
 def _yaml_value(value) -> str:
-    """A value as ``dvc exp run -S`` parses it (YAML)."""
+    """Format ``value`` as YAML, the way ``dvc exp run -S`` parses it."""
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
 
 
 def experiment_overrides(spec: ComparisonSpec, params_path: Path, row: str, seed: int) -> dict[str, str]:
-    """The ``dvc exp run -S key=value`` overrides of one row and seed, checked against params.yaml's schema.
+    """Build the ``dvc exp run -S key=value`` overrides of one row and seed, checked against params.yaml's schema.
 
     A key that params.yaml does not contain yet comes back as ``+key``, the form DVC needs to add it.
     """
@@ -181,7 +181,7 @@ def read_run_result(root: Path, spec: ComparisonSpec, row: str, seed: int, secon
 
 
 def find_mlflow_run(root: Path, run_name: str) -> tuple[str | None, str | None]:
-    """The newest MLflow parent run named ``run_name`` in the tracking store of ``root``'s params."""
+    """Find the newest MLflow parent run named ``run_name`` in the tracking store of ``root``'s params."""
     import mlflow
 
     config = load_config(root / "params.yaml")
@@ -199,7 +199,7 @@ def find_mlflow_run(root: Path, run_name: str) -> tuple[str | None, str | None]:
 
 
 def strongest_baseline(spec: ComparisonSpec, results: list[RunResult]) -> str | None:
-    """The baseline row with the best MFN at the first seed (ties: the earlier row)."""
+    """Pick the baseline row with the best MFN at the first seed; a tie goes to the earlier row."""
     first = spec.seeds[0]
     candidates = [result for result in results if result.group == "baseline" and result.seed == first]
     if not candidates:
@@ -230,7 +230,7 @@ def _count(value: float) -> str:
 
 
 def summarise(spec: ComparisonSpec, results: list[RunResult]) -> list[dict]:
-    """One entry per row: mean and standard deviation over its seeds of every metric."""
+    """Aggregate each row's runs into the mean and standard deviation over seeds of every metric."""
     rows = []
     for row in spec.rows:
         runs = [result for result in results if result.row == row.name]
@@ -347,5 +347,42 @@ def render_markdown(spec, rows, table, strongest, wall_seconds, command, results
         "",
         "![MFN against BWT](results-mfn-bwt.png)",
         "",
+        "## Setup and where the methods differ",
+        "",
+        "- Same for every row: the frozen SmolLM2-135M-Instruct and the EfficientNet-Lite0/MiniLM "
+        "encoders, the features, the stream of params.yaml with the budget above (the same samples, "
+        "batches and number of optimizer steps per task), the shared projector trained at the "
+        "stream's projector learning rate, greedy decoding and the scorers.",
+        "- `zero_shot` trains nothing and feeds no visual tokens: the untrained projector's output "
+        "means nothing to the LLM.",
+        "- `joint` trains on the union of the tasks seen so far (full replay) for the same number "
+        "of steps per stage, so it is an upper bound, not a continual method.",
+        "- Learning rates are part of each method's recipe, not of the budget: the generators and "
+        "LoRA adapters use the stream's `generator_lr`; the prompt pools and task prompts (`l2p`, "
+        "`dualprompt`, `coda_prompt`, `modalprompt`) use `lr: 1e-2` from their sections, because "
+        "prompt tuning needs larger steps.",
+        "- L2P, DualPrompt and CODA-Prompt insert prompts into a frozen ViT in their original form; "
+        "here their prompts are soft tokens at the LLM's input, keyed by the frozen pooled image "
+        "feature. DualPrompt uses the task identity while training (as in the original) but not "
+        "at inference. HiDe-LLaVA's merging of lower-layer adapters is not implemented; every "
+        "layer keeps per-task experts.",
+        "- Only DRAPE and its ablations protect the projector with null-space updates; every other "
+        "method trains it without protection, as LLaVA-based continual baselines fine-tune the "
+        "projector with the adapters.",
+        "",
     ]
     return "\n".join(lines)
+
+
+def rerender(out: Path) -> None:
+    """Rewrite ``results.md`` and the plot from the ``results.json`` a comparison wrote into ``out``."""
+    raw = json.loads((out / "results.json").read_text())
+    spec = ComparisonSpec.model_validate(raw["spec"])
+    results = [RunResult(**run) for run in raw["runs"]]
+    write_results(out, spec, results, raw["strongest_baseline"], raw["wall_seconds"], raw["command"])
+
+
+if __name__ == "__main__":
+    import sys
+
+    rerender(Path(sys.argv[1] if len(sys.argv) > 1 else "docs"))

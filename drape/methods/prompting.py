@@ -11,7 +11,7 @@ PROMPT_INIT_STD = 0.002
 
 
 def visual_tokens(projector: nn.Module, llm, batch) -> torch.Tensor:
-    """The shared projector applied to the batch's patch features: (B, N_p, d_llm)."""
+    """Apply the shared projector to the batch's patch features: (B, N_p, d_llm)."""
     return projector(batch.patches.to(llm.device))
 
 

@@ -1,7 +1,7 @@
 """L2P adapted to the frozen multimodal LLM.
 
 A pool of prompts, each paired with a learned key, is shared by all tasks. The query of a
-sample is its frozen pooled image feature; the ``top_k`` keys closest to it (cosine) pick
+sample is its frozen pooled image feature. The ``top_k`` keys closest to it (cosine) pick
 the prompts that are prepended to the visual tokens. No task label is used, in training
 or at inference. A surrogate loss ``1 - cos(query, key)`` pulls the selected keys toward
 the queries that chose them. The original applies the prompts to a frozen ViT; here they
