@@ -27,6 +27,7 @@ from typing import Any, Literal
 from ruamel.yaml import YAML, YAMLError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from drape.benchmarks.config import BENCHMARK_KIND, BenchmarkDataConfig
 from drape.methods import (
     METHODS,
     CodaPromptConfig,
@@ -89,8 +90,20 @@ class TaskTrainConfig(_Section):
 class TaskConfig(_Section):
     after: str
     """The task trained just before this one, or ``init`` for the first task."""
-    data: TaskDataConfig
+    data: TaskDataConfig | BenchmarkDataConfig
+    """An embedded task kind, or with ``kind: benchmark`` a task of CoIN or UCIT."""
     train: TaskTrainConfig = TaskTrainConfig()
+
+    @field_validator("data", mode="wrap")
+    @classmethod
+    def _data_by_kind(cls, value: Any, handler: Any) -> TaskDataConfig | BenchmarkDataConfig:
+        # Validate against the one model that `kind` selects, so errors name that model's keys
+        # only, not every member of the union.
+        if isinstance(value, (TaskDataConfig, BenchmarkDataConfig)):
+            return handler(value)
+        if isinstance(value, dict) and value.get("kind") == BENCHMARK_KIND:
+            return BenchmarkDataConfig.model_validate(value)
+        return TaskDataConfig.model_validate(value)
 
 
 class EvaluateConfig(_Section):
@@ -202,10 +215,12 @@ def parse_config(raw: dict[str, Any], path: Path = Path("params.yaml")) -> Pipel
     from drape.data.stream import TASK_KINDS
 
     for name, task in config.stream.items():
+        if isinstance(task.data, BenchmarkDataConfig):
+            continue  # its benchmark and task keys were checked by BenchmarkDataConfig
         if task.data.kind not in TASK_KINDS:
             raise ConfigError(
                 f"{path}: stream.{name}.data.kind: got '{task.data.kind}'; "
-                f"allowed values: {', '.join(sorted(TASK_KINDS))}"
+                f"allowed values: {', '.join(sorted(TASK_KINDS))}, or {BENCHMARK_KIND} for a CoIN or UCIT task"
             )
     return config
 

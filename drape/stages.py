@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from drape.benchmarks import BENCHMARK_KIND, task_scorer
 from drape.config import INIT_STAGE, ConfigError, PipelineConfig, load_config
 
 logger = logging.getLogger(__name__)
@@ -128,10 +129,16 @@ def _staging_dir(target: Path) -> Path:
 
 
 def stage_data(ctx: StageContext, task: str) -> None:
-    """Build task ``task``'s train and test records and images from packaged data."""
+    """Build task ``task``'s train and test records and images from packaged data or a benchmark's files."""
     from drape.data.stream import build_task
 
     settings = ctx.config.task(task).data
+    if settings.kind == BENCHMARK_KIND:
+        from drape.benchmarks.build import build_benchmark_task
+
+        summary = build_benchmark_task(settings, ctx.paths.stream / task, ctx.config.seed, key=f"stream.{task}.data")
+        logger.info("task %s: %s", task, summary)
+        return
     try:
         summary = build_task(settings.kind, ctx.paths.stream / task, settings.n_train, settings.n_test, ctx.config.seed)
     except ValueError as error:
@@ -209,7 +216,6 @@ def stage_prototypes(ctx: StageContext, task: str) -> None:
 
 def stage_evaluate(ctx: StageContext, task: str) -> None:
     """Evaluate the state after training ``task`` on every task's test split."""
-    from drape.data.stream import TASK_KINDS
     from drape.evaluate import evaluate_task
     from drape.scorers import get_scorer
 
@@ -223,7 +229,7 @@ def stage_evaluate(ctx: StageContext, task: str) -> None:
     evaluated = names if settings.forward_transfer else names[: names.index(task) + 1]
     for name in evaluated:
         task_config = ctx.config.stream[name]
-        scorer = get_scorer(TASK_KINDS[task_config.data.kind].scorer)
+        scorer = get_scorer(task_scorer(task_config.data))
         result = evaluate_task(
             state,
             ctx.llm,
@@ -257,7 +263,6 @@ def train_alone(ctx: StageContext, task: str) -> dict:
     earlier tasks, so the score is what the frozen LLM can reach on it within the budget.
     Nothing is written to the pipeline's outputs.
     """
-    from drape.data.stream import TASK_KINDS
     from drape.evaluate import evaluate_task
     from drape.routing import Prototypes
     from drape.scorers import get_scorer
@@ -274,7 +279,7 @@ def train_alone(ctx: StageContext, task: str) -> dict:
         prototypes,
         task,
         ctx.features(task, "test"),
-        get_scorer(TASK_KINDS[settings.data.kind].scorer),
+        get_scorer(task_scorer(settings.data)),
         batch_size=ctx.config.evaluate.batch_size,
         max_new_tokens=ctx.config.evaluate.max_new_tokens,
     )
