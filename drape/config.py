@@ -59,14 +59,35 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+class WeightsConfig(_Section):
+    """Local weight files of the ``llava-7b`` preset; other presets ignore them.
+
+    A path given here takes precedence over its environment variable
+    (``DRAPE_LLAVA_CLIP_WEIGHTS``, ``DRAPE_LLAVA_LLM_DIR``, ``DRAPE_LLAVA_PROJECTOR``). With
+    null and no variable set, the file is looked up in the local Hugging Face cache.
+    Relative paths are relative to the repository root.
+    """
+
+    clip: str | None = None
+    """open_clip checkpoint of ViT-L-14-336 with OpenAI weights (``open_clip_model.safetensors``)."""
+    llm: str | None = None
+    """Directory of Vicuna-7B-v1.5: ``config.json``, the tokenizer and the weight shards."""
+    projector: str | None = None
+    """LLaVA-1.5's pretrained projector, ``mm_projector.bin``."""
+
+
 class ModelsConfig(_Section):
-    preset: Literal["embedded", "tiny"] = "embedded"
+    preset: Literal["embedded", "tiny", "llava-7b", "llava-7b-scaled"] = "embedded"
     """``embedded``: SmolLM2-135M-Instruct and the EfficientNet-Lite0/MiniLM open_clip
     model, real pretrained weights shipped in packages. ``tiny``: randomly initialised
-    models of the same classes, for plumbing tests."""
+    models of the same classes, for plumbing tests. ``llava-7b``: LLaVA-1.5-7B's CLIP
+    ViT-L/14-336, Vicuna-7B-v1.5 and pretrained projector, read from ``weights``.
+    ``llava-7b-scaled``: the same classes with small, seeded random weights, for CPU tests."""
     patch_grid: int = Field(4, ge=1, le=16)
     """The vision trunk's final feature map is average-pooled to a grid of this side,
-    so each image gives ``patch_grid**2`` visual tokens."""
+    so each image gives ``patch_grid**2`` visual tokens. The llava presets ignore it: they
+    pass every ViT patch token on (576 for ``llava-7b``, as LLaVA-1.5 does)."""
+    weights: WeightsConfig = WeightsConfig()
 
 
 class TaskDataConfig(_Section):

@@ -20,7 +20,9 @@ The ImageNet classifier of the EfficientNet is kept in a separate file and
 used only by :func:`classify_imagenet` for the sanity check.
 
 The ``tiny`` preset builds the same classes with small, seeded random weights
-for fast plumbing tests.
+for fast plumbing tests. The ``llava-7b`` and ``llava-7b-scaled`` presets are
+written and loaded by :mod:`drape.presets.llava_models`, through the same
+``materialize_models``, ``load_llm`` and ``load_clip``.
 
 Command line::
 
@@ -57,6 +59,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PRESETS = ("embedded", "tiny")
+# Presets of drape.presets.llava_models, also accepted by materialize_models.
+LLAVA_PRESETS = ("llava-7b", "llava-7b-scaled")
 
 # File layout of a materialised CLIP directory.
 CLIP_CONFIG_FILE = "open_clip_config.json"  # read by open_clip's "local-dir:" loader
@@ -256,6 +260,12 @@ def _require_files(model_dir: Path, names: list[str], kind: str) -> None:
             )
 
 
+def _llava_preset(model_dir: Path) -> bool:
+    """Whether ``model_dir`` was written by a llava preset (its metadata names the preset)."""
+    path = model_dir / METADATA_FILE
+    return path.is_file() and _read_metadata(model_dir).get("preset") in LLAVA_PRESETS
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -380,9 +390,18 @@ def materialize_llm(out_dir: Path, preset: str = "embedded") -> None:
 
 
 def load_llm(model_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a materialised LLM directory as a frozen float32 model in eval mode."""
+    """Load a materialised LLM directory as a frozen model in eval mode.
+
+    The ``embedded`` and ``tiny`` presets load in float32. A llava preset's directory is
+    loaded by :func:`drape.presets.llava_models.load_llava_llm` (bfloat16 when its spec
+    says so).
+    """
     transformers = _import_required("transformers", "transformers")
     model_dir = Path(model_dir)
+    if _llava_preset(model_dir):
+        from drape.presets.llava_models import load_llava_llm
+
+        return load_llava_llm(model_dir)
     _require_files(
         model_dir, ["config.json", "model.safetensors", "tokenizer.json", METADATA_FILE], "LLM"
     )
@@ -743,12 +762,17 @@ def load_clip(model_dir: Path, patch_grid: int = 4) -> ClipEncoder:
 
     ``patch_grid`` above the side of the trunk's final feature map (7 for the
     embedded preset at 224 px, 4 for tiny at 128 px) is allowed but logs a
-    warning, because the finer grid only repeats feature-map cells.
+    warning, because the finer grid only repeats feature-map cells. A llava preset's
+    directory gives a :class:`drape.presets.llava_models.LlavaClipEncoder`.
     """
     open_clip = _import_required("open_clip", "open_clip_torch")
     transformers = _import_required("transformers", "transformers")
     _check_patch_grid(patch_grid)
     model_dir = Path(model_dir)
+    if _llava_preset(model_dir):
+        from drape.presets.llava_models import load_llava_clip
+
+        return load_llava_clip(model_dir)  # every ViT patch token, so patch_grid does not apply
     text_dir = model_dir / TEXT_MODEL_DIR
     _require_files(
         model_dir,
@@ -894,8 +918,14 @@ def verify_models(models_dir: Path) -> dict:
     return checks
 
 
-def materialize_models(models_dir: Path, preset: str, patch_grid: int = 4) -> dict:
+def materialize_models(
+    models_dir: Path, preset: str, patch_grid: int = 4, weights: dict[str, Any] | None = None
+) -> dict:
     """Write ``models_dir/llm``, ``models_dir/clip`` and ``models_dir/manifest.json``.
+
+    A llava preset is written by
+    :func:`drape.presets.llava_models.materialize_llava_models`, which takes the
+    ``clip``, ``llm`` and ``projector`` paths of ``weights`` and ignores ``patch_grid``.
 
     The manifest's ``encoder`` entry is the :class:`EncoderInfo` of
     ``load_clip(models_dir / "clip", patch_grid)``, so pass the ``patch_grid``
@@ -903,6 +933,10 @@ def materialize_models(models_dir: Path, preset: str, patch_grid: int = 4) -> di
     after :func:`verify_models` passes, so its presence marks a checked
     directory. Returns the manifest.
     """
+    if preset in LLAVA_PRESETS:
+        from drape.presets.llava_models import materialize_llava_models
+
+        return materialize_llava_models(models_dir, preset, **(weights or {}))
     _check_preset(preset)
     _check_patch_grid(patch_grid)
     models_dir = Path(models_dir)

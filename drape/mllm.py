@@ -4,6 +4,10 @@ Every method feeds the LLM the same way: a user turn whose content starts with a
 continuous embeddings (soft prompts, then visual tokens) followed by the instruction
 tokens, and an assistant turn holding the answer. Loss is cross-entropy on the answer
 tokens (and the end-of-turn token) only.
+
+The template around the user content is the tokenizer's own chat template
+(``template="chat_template"``) or LLaVA's Vicuna v1 conversation (``template="vicuna_v1"``,
+:mod:`drape.presets.conversation`), which the llava presets select in their manifest.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+TEMPLATES = ("chat_template", "vicuna_v1")
 SYSTEM_PROMPT = "Answer the question about the image briefly."
 _CONTENT_MARK = "\u2063CONTENT\u2063"
 
@@ -30,28 +35,60 @@ class LLMBatch:
 
 
 class FrozenLLM(nn.Module):
-    """A causal LLM whose weights never train, with the chat template split around the user content."""
+    """A causal LLM whose weights never train, with the chat template split around the user content.
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+    The model stays in eval mode (no dropout) whatever the caller's mode is, with one
+    exception: when gradient checkpointing is enabled on it, :meth:`loss` runs the forward
+    pass in train mode while gradients are recorded, because transformers checkpoints
+    decoder layers only in train mode. This is accepted only for a model without attention
+    dropout (Llama and Vicuna have ``attention_dropout=0``), so train mode changes nothing
+    else. The method's tensors stay in float32: the embeddings this class returns are
+    float32, and the assembled input is cast to the model's dtype (bfloat16 for llava-7b)
+    only when it enters the model.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template: str = "chat_template"):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         self.model.eval()
+        # transformers 5.25 renamed is_gradient_checkpointing to is_activation_checkpointing.
+        flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+        self.checkpointing = bool(getattr(model, flag, False))
+        dropout = getattr(model.config, "attention_dropout", 0.0)
+        if self.checkpointing and dropout:
+            raise ValueError(
+                f"gradient checkpointing needs train mode, which would enable the LLM's attention dropout "
+                f"({dropout}); set attention_dropout to 0 in its config or disable checkpointing"
+            )
 
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": _CONTENT_MARK}],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        before, after = rendered.split(_CONTENT_MARK)
+        before, after = self._split_template(tokenizer, template)
+        self.template = template
         self.prefix_ids = tokenizer(before, add_special_tokens=False)["input_ids"]
         self.suffix_ids = tokenizer(after, add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is None:
             raise ValueError("the LLM's tokenizer has no end-of-sequence token; it cannot mark the answer's end")
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+
+    @staticmethod
+    def _split_template(tokenizer: PreTrainedTokenizerBase, template: str) -> tuple[str, str]:
+        """Return the text before and after the user content of a one-turn generation prompt."""
+        if template == "vicuna_v1":
+            from drape.presets.conversation import VICUNA_V1
+
+            return VICUNA_V1.split(bos_token=tokenizer.bos_token or "")
+        if template != "chat_template":
+            raise ValueError(f"unknown template {template!r}; use one of: {', '.join(TEMPLATES)}")
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": _CONTENT_MARK}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        before, after = rendered.split(_CONTENT_MARK)
+        return before, after
 
     def train(self, mode: bool = True) -> FrozenLLM:
         # The LLM stays in eval mode (no dropout) whatever the caller's mode is.
@@ -68,9 +105,9 @@ class FrozenLLM(nn.Module):
         return self.model.get_input_embeddings().weight.device
 
     def embed_ids(self, ids: list[int]) -> torch.Tensor:
-        """Embed token ids with the frozen embedding table: (len(ids), d_llm)."""
+        """Embed token ids with the frozen embedding table: (len(ids), d_llm), float32."""
         table = self.model.get_input_embeddings()
-        return table(torch.tensor(ids, dtype=torch.long, device=self.device))
+        return table(torch.tensor(ids, dtype=torch.long, device=self.device)).float()
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
@@ -84,7 +121,7 @@ class FrozenLLM(nn.Module):
         for i, row in enumerate(ids):
             padded[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             mask[i, : len(row)] = True
-        return self.model.get_input_embeddings()(padded), mask
+        return self.model.get_input_embeddings()(padded).float(), mask
 
     def build_batch(
         self,
@@ -130,7 +167,18 @@ class FrozenLLM(nn.Module):
     def loss(self, content_embeds: torch.Tensor, instructions: list[str], answers: list[str]) -> torch.Tensor:
         """Mean cross-entropy over the answer tokens of the batch."""
         batch = self.build_batch(content_embeds, instructions, answers)
-        output = self.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, labels=batch.labels)
+        checkpointing = self.checkpointing and torch.is_grad_enabled()
+        if checkpointing:
+            self.model.train()
+        try:
+            output = self.model(
+                inputs_embeds=batch.inputs_embeds.to(self.model.dtype),
+                attention_mask=batch.attention_mask,
+                labels=batch.labels,
+            )
+        finally:
+            if checkpointing:
+                self.model.eval()
         return output.loss
 
     @torch.no_grad()
@@ -139,7 +187,7 @@ class FrozenLLM(nn.Module):
         batch = self.build_batch(content_embeds, instructions)
         # generate() derives position ids from the attention mask, so left padding is safe.
         output = self.model.generate(
-            inputs_embeds=batch.inputs_embeds,
+            inputs_embeds=batch.inputs_embeds.to(self.model.dtype),
             attention_mask=batch.attention_mask,
             max_new_tokens=max_new_tokens,
             do_sample=False,

@@ -95,8 +95,9 @@ def projector_drift(ctx, first: str, last: str) -> float:
 
     patches = ctx.features(first, "train").patches
     dims = (ctx.encoder_info["image_dim"], ctx.llm_dim)
-    before = load_projector_output(ctx.paths.train / first, patches, *dims)
-    after = load_projector_output(ctx.paths.train / last, patches, *dims)
+    input_norm = ctx.dims.projector_input_norm
+    before = load_projector_output(ctx.paths.train / first, patches, *dims, input_norm=input_norm)
+    after = load_projector_output(ctx.paths.train / last, patches, *dims, input_norm=input_norm)
     return relative_change(before, after)
 
 

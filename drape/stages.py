@@ -55,7 +55,15 @@ class StageContext:
 
     @property
     def encoder_info(self) -> dict:
-        """The frozen encoders' fingerprint and dimensions; patch tokens follow ``models.patch_grid``."""
+        """The frozen encoders' fingerprint and dimensions.
+
+        Patch tokens follow ``models.patch_grid``, except for the llava presets, which
+        keep every ViT patch token (the manifest's ``num_patches``).
+        """
+        from drape.presets.llava_models import LLAVA_PRESETS
+
+        if self.manifest.get("preset") in LLAVA_PRESETS:
+            return dict(self.manifest["encoder"])
         return {**self.manifest["encoder"], "num_patches": self.config.models.patch_grid**2}
 
     @cached_property
@@ -68,7 +76,7 @@ class StageContext:
         from drape.encoders import load_llm
         from drape.mllm import FrozenLLM
 
-        return FrozenLLM(*load_llm(self.paths.models / "llm"))
+        return FrozenLLM(*load_llm(self.paths.models / "llm"), template=self.manifest.get("template", "chat_template"))
 
     @cached_property
     def clip(self):
@@ -81,7 +89,11 @@ class StageContext:
         from drape.methods.base import ModelDims
 
         info = self.encoder_info
-        return ModelDims(encoder=info["name"], vision_dim=info["image_dim"], text_dim=info["text_dim"], llm_dim=self.llm_dim)
+        input_norm = self.manifest.get("projector", {}).get("input_norm", True)
+        return ModelDims(
+            encoder=info["name"], vision_dim=info["image_dim"], text_dim=info["text_dim"], llm_dim=self.llm_dim,
+            projector_input_norm=input_norm,
+        )
 
     def new_state(self):
         """A fresh instance of the configured method."""
@@ -151,7 +163,12 @@ def stage_models(ctx: StageContext) -> None:
     """Materialise the frozen encoders and LLM of the configured preset into ``models/``."""
     from drape.encoders import materialize_models
 
-    manifest = materialize_models(ctx.paths.models, ctx.config.models.preset)
+    # Relative weight paths in params.yaml are relative to the repository root.
+    weights = {
+        name: str(ctx.paths.root / path) if path is not None else None
+        for name, path in ctx.config.models.weights.model_dump().items()
+    }
+    manifest = materialize_models(ctx.paths.models, ctx.config.models.preset, weights=weights)
     logger.info("models ready: %s", json.dumps(manifest.get("checks", {})))
 
 
@@ -165,10 +182,18 @@ def stage_features(ctx: StageContext, task: str) -> None:
 
 
 def stage_init(ctx: StageContext) -> None:
-    """Write the state before the first task: a freshly initialised projector, no prototypes."""
+    """Write the state before the first task: the initial projector, no prototypes.
+
+    The projector is freshly initialised, or for the llava presets LLaVA-1.5's pretrained
+    ``mm_projector.bin`` that the models manifest names.
+    """
+    from drape.presets.llava_models import import_pretrained_projector
     from drape.routing import Prototypes
 
-    ctx.new_state().save(ctx.paths.train / INIT_STAGE)
+    state = ctx.new_state()
+    if import_pretrained_projector(ctx.manifest, ctx.paths.models, state.projector):
+        logger.info("init: projector imported from %s", ctx.manifest["projector"]["path"])
+    state.save(ctx.paths.train / INIT_STAGE)
     empty = Prototypes.empty(ctx.encoder_info["image_dim"], ctx.encoder_info["text_dim"])
     _save_prototypes(empty, ctx.paths.prototypes / INIT_STAGE)
 

@@ -21,7 +21,7 @@ disable_telemetry()
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PIPELINE_FILES = ("dvc.yaml", "prefect.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", "flows", "drape/encoders.py")
+PIPELINE_FILES = ("dvc.yaml", "prefect.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", "flows", "drape/encoders.py", "drape/presets")
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +57,7 @@ def small_task(kind: str, after: str, n_train: int = 8, n_test: int = 4, **train
 def small_params(preset: str = "tiny", stream: dict | None = None, **sections) -> dict:
     """The repository's params.yaml shrunk for tests: two digit tasks, few samples, small generator."""
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    params["models"] = {"preset": preset, "patch_grid": 2}
+    params["models"] = {**params["models"], "preset": preset, "patch_grid": 2}
     params["stream"] = stream or {
         "digits": small_task("digits-classify", "init"),
         "parity": small_task("digits-parity", "digits"),

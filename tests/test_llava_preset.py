@@ -226,8 +226,8 @@ def test_configured_path_missing(tmp_path, monkeypatch):
     with pytest.raises(WeightsNotFoundError) as error:
         resolve_llava_weights(spec, llm_dir=tmp_path, projector_file=tmp_path / "mm_projector.bin", cache_dir=tmp_path)
     message = str(error.value)
-    assert f"{missing} (set by the clip_weights argument or {CLIP_WEIGHTS_ENV}) is not a file" in message
-    assert f"{tmp_path} (set by the llm_dir argument or {LLM_DIR_ENV}) does not contain config.json" in message
+    assert f"{missing} (set by models.weights.clip in params.yaml, the clip_weights argument or {CLIP_WEIGHTS_ENV}) is not a file" in message
+    assert f"{tmp_path} (set by models.weights.llm in params.yaml, the llm_dir argument or {LLM_DIR_ENV}) does not contain config.json" in message
 
 
 def write_cached_file(cache: Path, repo: str, filename: str) -> Path:

@@ -55,6 +55,10 @@ class ModelDims:
     """Width of the instruction's text embedding."""
     llm_dim: int
     """Width of the LLM's input embeddings."""
+    projector_input_norm: bool = True
+    """Whether the projector normalises its input; False for a pretrained LLaVA projector,
+    which has no input LayerNorm. The encoder name already separates the presets, so this
+    is not part of a checkpoint's fingerprint."""
 
 
 class ContinualMethod(nn.Module):
@@ -76,7 +80,7 @@ class ContinualMethod(nn.Module):
         super().__init__()
         self.config = config
         self.dims = dims
-        self.projector = Projector(dims.vision_dim, dims.llm_dim)
+        self.projector = Projector(dims.vision_dim, dims.llm_dim, input_norm=dims.projector_input_norm)
         self.task_names: list[str] = []
         self.nullspace: NullSpaceProjector | None = None
 
@@ -225,9 +229,11 @@ def count_parameters(parameters) -> int:
     return sum(parameter.numel() for parameter in parameters)
 
 
-def load_projector_output(checkpoint_dir: Path, patches: torch.Tensor, vision_dim: int, llm_dim: int) -> torch.Tensor:
+def load_projector_output(
+    checkpoint_dir: Path, patches: torch.Tensor, vision_dim: int, llm_dim: int, input_norm: bool = True
+) -> torch.Tensor:
     """Apply the projector stored in ``checkpoint_dir`` to ``patches``."""
-    projector = Projector(vision_dim, llm_dim)
+    projector = Projector(vision_dim, llm_dim, input_norm=input_norm)
     projector.load_state_dict(load_file(checkpoint_dir / "projector.safetensors"))
     with torch.no_grad():
         return projector(patches)

@@ -292,6 +292,7 @@ def apply_training_flags(llm: PreTrainedModel, training: TrainingSpec) -> PreTra
         llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         # Checkpointing in transformers is active only in training mode. Dropout stays
         # off because Vicuna's LlamaConfig has attention_dropout=0.
-        # NOTE: FrozenLLM puts its model back into eval mode, which turns checkpointing off.
+        # FrozenLLM keeps the model in eval mode but switches it to train mode for the
+        # forward pass of its loss, so checkpointing is active exactly while training.
         llm.train()
     return llm

@@ -11,6 +11,9 @@ CLIP          ``DRAPE_LLAVA_CLIP_WEIGHTS``    timm/vit_large_patch14_clip_336.op
 LLM           ``DRAPE_LLAVA_LLM_DIR``         lmsys/vicuna-7b-v1.5
 projector     ``DRAPE_LLAVA_PROJECTOR``       liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5
 ============  ==============================  ============================================
+
+In the pipeline, ``models.weights.clip``, ``.llm`` and ``.projector`` of ``params.yaml``
+are passed as the explicit paths, so they take precedence over the variables.
 """
 
 from __future__ import annotations
@@ -89,8 +92,8 @@ def resolve_clip_weights(
         if configured.is_file():
             return configured
         raise WeightsNotFoundError(
-            f"CLIP weights not found: {configured} (set by the clip_weights argument or "
-            f"{CLIP_WEIGHTS_ENV}) is not a file. Point it at {CLIP_WEIGHT_FILES[0]} or "
+            f"CLIP weights not found: {configured} (set by models.weights.clip in params.yaml, the "
+            f"clip_weights argument or {CLIP_WEIGHTS_ENV}) is not a file. Point it at {CLIP_WEIGHT_FILES[0]} or "
             f"{CLIP_WEIGHT_FILES[1]} of the Hugging Face repository {repo}."
         )
     for filename in CLIP_WEIGHT_FILES:
@@ -99,7 +102,8 @@ def resolve_clip_weights(
             return found
     raise WeightsNotFoundError(
         f"CLIP weights not found: expected {' or '.join(CLIP_WEIGHT_FILES)} of {repo} in the "
-        f"Hugging Face cache {_cache_location(cache_dir)}. Set {CLIP_WEIGHTS_ENV} to the file, "
+        f"Hugging Face cache {_cache_location(cache_dir)}. Set models.weights.clip in params.yaml or "
+        f"{CLIP_WEIGHTS_ENV} to the file, "
         f"or on a machine with internet access run `hf download {repo} {CLIP_WEIGHT_FILES[0]}` "
         "and copy its Hugging Face cache here."
     )
@@ -120,7 +124,8 @@ def resolve_llm_dir(spec: LlavaSpec, path: Path | str | None = None, cache_dir: 
         if _has_llm_weights(configured):
             return configured
         raise WeightsNotFoundError(
-            f"LLM weights not found: {configured} (set by the llm_dir argument or {LLM_DIR_ENV}) "
+            f"LLM weights not found: {configured} (set by models.weights.llm in params.yaml, the llm_dir "
+            f"argument or {LLM_DIR_ENV}) "
             f"does not contain {expected}. Point it at a local copy of {repo}."
         )
     config = _cached_file(repo, "config.json", cache_dir)
@@ -129,7 +134,8 @@ def resolve_llm_dir(spec: LlavaSpec, path: Path | str | None = None, cache_dir: 
         return config.parent
     raise WeightsNotFoundError(
         f"LLM weights not found: expected {expected} of {repo} in the Hugging Face cache "
-        f"{_cache_location(cache_dir)}. Set {LLM_DIR_ENV} to a directory that contains them, "
+        f"{_cache_location(cache_dir)}. Set models.weights.llm in params.yaml or {LLM_DIR_ENV} to "
+        f"a directory that contains them, "
         f"or on a machine with internet access run `hf download {repo}` and copy its Hugging "
         "Face cache here."
     )
@@ -145,15 +151,16 @@ def resolve_projector_file(
         if configured.is_file():
             return configured
         raise WeightsNotFoundError(
-            f"Projector weights not found: {configured} (set by the projector_file argument or "
-            f"{PROJECTOR_ENV}) is not a file. Point it at {filename} of {repo}."
+            f"Projector weights not found: {configured} (set by models.weights.projector in params.yaml, the "
+            f"projector_file argument or {PROJECTOR_ENV}) is not a file. Point it at {filename} of {repo}."
         )
     found = _cached_file(repo, filename, cache_dir)
     if found is not None:
         return found
     raise WeightsNotFoundError(
         f"Projector weights not found: expected {filename} of {repo} in the Hugging Face cache "
-        f"{_cache_location(cache_dir)}. Set {PROJECTOR_ENV} to the file, or on a machine with "
+        f"{_cache_location(cache_dir)}. Set models.weights.projector in params.yaml or "
+        f"{PROJECTOR_ENV} to the file, or on a machine with "
         f"internet access run `hf download {repo} {filename}` and copy its Hugging Face cache here."
     )
 

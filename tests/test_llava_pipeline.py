@@ -1,0 +1,311 @@
+"""The llava presets in the pipeline: CoIN and UCIT fixture files through every stage on CPU.
+
+``llava-7b-scaled`` has the classes of ``llava-7b`` (open_clip ViT-L-14-336 and its text
+tower, a Llama LLM with the Vicuna v1 template, LLaVA's projector file) at small widths
+with random weights. Its scores are near zero, so the checks are on shapes, coverage and
+the import of the projector.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_pipeline_repo, small_params
+from drape.cli import main
+from drape.encoders import load_llm
+from drape.metrics import read_matrix_csv
+from drape.mllm import FrozenLLM
+from drape.presets.conversation import VICUNA_V1_SYSTEM
+from drape.presets.llava_weights import CLIP_WEIGHTS_ENV, LLM_DIR_ENV, MM_PROJECTOR_KEYS, PROJECTOR_ENV
+from test_benchmarks import conversation, question, save_png, write_json
+
+# Stream task name -> (benchmark, task key).
+TASKS = {
+    "scienceqa": ("coin", "scienceqa"),
+    "textvqa": ("coin", "textvqa"),
+    "grounding": ("coin", "grounding"),
+    "imagenet-r": ("ucit", "imagenet-r"),
+}
+
+
+def write_coin(root: Path) -> None:
+    """ScienceQA (choices), TextVQA (answer lists) and Grounding (boxes) in CoIN's file layout."""
+    images = root / "cl_dataset"
+    for index in range(4):
+        save_png(images / "ScienceQA" / "train" / f"{index}" / "image.png", (10, 40 * index, 90))
+        save_png(images / "TextVQA" / "train_images" / f"t{index}.jpg", (200, 20 * index, 30))
+        save_png(images / "COCO2014" / "train2014" / f"{index}.png", (40 * index, 10, 200))
+    instructions = root / "playground" / "Instructions"
+
+    choices = "Which is a mammal?\nA. trout\nB. whale\nAnswer with the option's letter from the given choices directly."
+    write_json(instructions / "ScienceQA" / "train.json", [
+        conversation("sqa-0", "ScienceQA/train/0/image.png", f"<image>\n{choices}", "B"),
+        conversation("sqa-1", "ScienceQA/train/1/image.png", f"<image>\n{choices}", "B"),
+        conversation("sqa-2", None, choices, "B"),
+    ])
+    write_json(instructions / "ScienceQA" / "test.json", [
+        question("sqa-t0", "ScienceQA/train/2/image.png", choices, answer="B"),
+        question("sqa-t1", "ScienceQA/train/3/image.png", choices, answer="A"),
+    ])
+
+    ocr = "What is written on the sign?\nAnswer the question using a single word or phrase."
+    write_json(instructions / "TextVQA" / "train.json", [
+        conversation("tv-0", "TextVQA/train_images/t0.jpg", f"<image>\n{ocr}", "stop"),
+        conversation("tv-1", "TextVQA/train_images/t1.jpg", f"<image>\n{ocr}", "exit"),
+        conversation("tv-2", "TextVQA/train_images/t2.jpg", f"<image>\n{ocr}", "open"),
+    ])
+    write_json(instructions / "TextVQA" / "test.json", [
+        question("tv-t0", "TextVQA/train_images/t3.jpg", ocr, answers=["stop", "stop", "STOP", "halt"]),
+        question("tv-t1", "TextVQA/train_images/t0.jpg", ocr, answers=[{"answer": "exit"}, {"answer": "exit"}, {"answer": "out"}]),
+    ])
+
+    refer = "Please provide the bounding box coordinate of the region this sentence describes: man in red."
+    write_json(instructions / "Grounding" / "train.json", [
+        conversation("g-0", "COCO2014/train2014/0.png", f"<image>\n{refer}", "[0.10, 0.20, 0.50, 0.60]"),
+        conversation("g-1", "COCO2014/train2014/1.png", f"<image>\n{refer}", "[0.30, 0.30, 0.90, 0.80]"),
+    ])
+    write_json(instructions / "Grounding" / "test.json", [
+        question(7, "COCO2014/train2014/2.png", refer, answer_bbox="[0.12, 0.30, 0.58, 0.91]", size=[640, 480]),
+        question(8, "COCO2014/train2014/3.png", refer, answer_bbox="[0.2, 0.2, 0.4, 0.4]", size=[640, 480]),
+    ])
+
+
+def write_ucit(root: Path) -> None:
+    """ImageNet-R in UCIT's file layout: conversations for training, questions for testing."""
+    images = root / "datasets" / "ImageNet-R"
+    for index in range(4):
+        save_png(images / "goldfish" / f"{index}.jpg", (250, 120, 20 * index))
+    prompt = "What is the object in the image?\nAnswer the question using a single word or phrase."
+    write_json(root / "instructions" / "ImageNet-R" / "train.json", [
+        conversation("r-0", "ImageNet-R/goldfish/0.jpg", f"<image>\n{prompt}", "goldfish"),
+        conversation("r-1", "ImageNet-R/goldfish/1.jpg", f"<image>\n{prompt}", "goldfish"),
+    ])
+    write_json(root / "instructions" / "ImageNet-R" / "test_3000.json", [
+        question("r-t0", "ImageNet-R/goldfish/2.jpg", prompt, answer="goldfish"),
+        question("r-t1", "ImageNet-R/goldfish/3.jpg", prompt, answer="goldfish"),
+    ])
+
+
+def llava_params(coin: Path, ucit: Path, preset: str = "llava-7b-scaled", **models) -> dict:
+    roots = {"coin": coin, "ucit": ucit}
+    stream, after = {}, "init"
+    for name, (benchmark, key) in TASKS.items():
+        stream[name] = {
+            "after": after,
+            "data": {"kind": "benchmark", "benchmark": benchmark, "task": key, "root": str(roots[benchmark])},
+            "train": {"epochs": 1, "batch_size": 2, "generator_lr": 1e-3, "projector_lr": 1e-3},
+        }
+        after = name
+    params = small_params(preset=preset, stream=stream, method="drape")
+    params["models"].update(models)
+    return params
+
+
+def run_in(repo: Path, *commands: list[str]) -> list[int]:
+    previous = os.getcwd()
+    os.chdir(repo)
+    try:
+        return [main(command) for command in commands]
+    finally:
+        os.chdir(previous)
+
+
+@pytest.fixture(scope="module")
+def llava_run(tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("benchmarks")
+    write_coin(data / "coin")
+    write_ucit(data / "ucit")
+    repo = make_pipeline_repo(tmp_path_factory.mktemp("llava") / "repo", llava_params(data / "coin", data / "ucit"))
+
+    commands = [["stage", "data", "--task", name] for name in TASKS]
+    commands.append(["stage", "models"])
+    commands += [["stage", "features", "--task", name] for name in TASKS]
+    commands.append(["stage", "init"])
+    for name in TASKS:
+        commands += [
+            ["stage", "train", "--task", name],
+            ["stage", "prototypes", "--task", name],
+            ["stage", "evaluate", "--task", name],
+        ]
+    commands.append(["stage", "report", "--no-mlflow"])
+    codes = run_in(repo, *commands)
+    assert codes == [0] * len(commands), list(zip(codes, commands))
+    return repo
+
+
+def test_matrix_covers_every_task(llava_run):
+    matrix = read_matrix_csv(llava_run / "results/report/matrix.csv")
+    assert matrix.tasks == list(TASKS)
+    assert matrix.trained == list(TASKS)
+    assert np.isfinite(matrix.values).all()
+    assert ((matrix.values >= 0) & (matrix.values <= 100)).all()
+
+
+def test_metrics_are_finite(llava_run):
+    metrics = json.loads((llava_run / "results/report/metrics.json").read_text())
+    for key in ("MFN", "MFT", "MAA", "BWT", "forgetting", "routing_accuracy", "projector_drift"):
+        assert math.isfinite(metrics[key]), key
+
+
+def test_manifest_records_scaled_preset(llava_run):
+    manifest = json.loads((llava_run / "models/manifest.json").read_text())
+    assert manifest["preset"] == "llava-7b-scaled"
+    assert manifest["template"] == "vicuna_v1"
+    assert manifest["projector"] == {"type": "mlp2x_gelu", "input_norm": False, "path": "projector/mm_projector.bin"}
+    # scaled_down section of llava-7b.json: 56 px images in 14 px patches, 64-wide ViT, 32-wide text embedding.
+    assert manifest["encoder"]["num_patches"] == 16
+    assert manifest["encoder"]["image_dim"] == 64
+    assert manifest["encoder"]["text_dim"] == 32
+
+
+def test_features_are_penultimate_patches(llava_run):
+    import pyarrow.parquet as pq
+
+    from drape.presets.llava import select_patch_features
+    from drape.stages import StageContext
+
+    previous = os.getcwd()
+    os.chdir(llava_run)
+    try:
+        ctx = StageContext()
+        features = ctx.features("textvqa", "train")
+        image = ctx.paths.stream / "textvqa"
+        records = [json.loads(line) for line in (image / "train.jsonl").read_text().splitlines()]
+        from PIL import Image
+
+        pixels = ctx.clip.preprocess(Image.open(image / records[0]["image"]))[None]
+        expected = select_patch_features(ctx.clip.model.visual, pixels, select_layer=-2).float()
+    finally:
+        os.chdir(previous)
+    assert features.patches.shape == (3, 16, 64)
+    assert features.text.shape == (3, 32)
+    # The cache stores float16, so compare at float16 precision.
+    torch.testing.assert_close(features.patches[0], expected[0], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(features.pooled[0], features.patches[0].mean(dim=0), rtol=1e-2, atol=1e-2)
+    assert pq.read_schema(llava_run / "data/features/textvqa/train.parquet").metadata is not None
+
+
+def test_init_imports_projector_file(llava_run):
+    stored = torch.load(llava_run / "models/projector/mm_projector.bin", weights_only=True)
+    initial = load_file(llava_run / "results/train/init/projector.safetensors")
+    assert set(initial) == set(MM_PROJECTOR_KEYS.values())
+    for source, target in MM_PROJECTOR_KEYS.items():
+        assert torch.equal(initial[target], stored[source]), target
+
+
+def test_first_task_starts_from_imported_projector(llava_run):
+    # Training moves the projector away from the imported weights, so init is not a fresh copy.
+    initial = load_file(llava_run / "results/train/init/projector.safetensors")
+    trained = load_file(llava_run / "results/train/scienceqa/projector.safetensors")
+    assert not torch.equal(initial["fc1.weight"], trained["fc1.weight"])
+
+
+def test_vicuna_template_prefix_and_suffix(llava_run):
+    model, tokenizer = load_llm(llava_run / "models/llm")
+    llm = FrozenLLM(model, tokenizer, template="vicuna_v1")
+    prefix = tokenizer.decode(llm.prefix_ids)
+    suffix = tokenizer.decode(llm.suffix_ids)
+    assert prefix == f"{tokenizer.bos_token}{VICUNA_V1_SYSTEM} USER: "
+    assert suffix == " ASSISTANT:"
+    assert llm.prefix_ids[0] == tokenizer.bos_token_id
+
+
+def test_chat_template_choice_unchanged(llava_run):
+    model, tokenizer = load_llm(llava_run / "models/llm")
+    llm = FrozenLLM(model, tokenizer, template="chat_template")
+    assert "system" in tokenizer.decode(llm.prefix_ids)
+    assert "USER:" not in tokenizer.decode(llm.prefix_ids)
+
+
+def test_unknown_template_rejected(llava_run):
+    model, tokenizer = load_llm(llava_run / "models/llm")
+    with pytest.raises(ValueError, match="unknown template 'vicuna_v2'; use one of: chat_template, vicuna_v1"):
+        FrozenLLM(model, tokenizer, template="vicuna_v2")
+
+
+def test_llm_loads_bf16_with_checkpointing(llava_run):
+    model, tokenizer = load_llm(llava_run / "models/llm")
+    assert model.dtype == torch.bfloat16
+    assert model.is_activation_checkpointing
+    assert not model.training
+
+
+def test_checkpointed_loss_matches_plain_loss(llava_run):
+    model, tokenizer = load_llm(llava_run / "models/llm")
+    checkpointed = FrozenLLM(model, tokenizer, template="vicuna_v1")
+    assert checkpointed.checkpointing
+    torch.manual_seed(0)
+    content = torch.randn(2, 3, checkpointed.hidden_size, requires_grad=True)
+    loss = checkpointed.loss(content, ["What is it?", "Which one?"], ["a fish", "B"])
+    loss.backward()
+    checkpointed_grad = content.grad.clone()
+    assert not model.training
+
+    model.activation_checkpointing_disable()
+    plain = FrozenLLM(model, tokenizer, template="vicuna_v1")
+    assert not plain.checkpointing
+    content.grad = None
+    plain_loss = plain.loss(content, ["What is it?", "Which one?"], ["a fish", "B"])
+    plain_loss.backward()
+    torch.testing.assert_close(loss, plain_loss)
+    torch.testing.assert_close(checkpointed_grad, content.grad)
+    assert checkpointed_grad.abs().sum() > 0
+
+
+@pytest.fixture
+def no_weight_settings(monkeypatch, tmp_path):
+    for name in (CLIP_WEIGHTS_ENV, LLM_DIR_ENV, PROJECTOR_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+
+
+def test_full_preset_missing_weights_message(tmp_path, capsys, no_weight_settings):
+    missing = tmp_path / "weights"
+    params = llava_params(
+        tmp_path / "coin", tmp_path / "ucit", preset="llava-7b",
+        weights={"clip": str(missing / "clip.safetensors"), "llm": "vicuna", "projector": None},
+    )
+    repo = make_pipeline_repo(tmp_path / "repo", params)
+    assert run_in(repo, ["stage", "models"]) == [2]
+
+    error = capsys.readouterr().err
+    assert error.count("drape: error:") == 1
+    assert "The llava-7b preset is missing 3 of its 3 weight sources" in error
+    assert f"{missing / 'clip.safetensors'} (set by models.weights.clip in params.yaml" in error
+    # A relative path is resolved against the repository root.
+    assert f"{Path('.') / 'vicuna'} (set by models.weights.llm in params.yaml" in error
+    assert "Projector weights not found: expected mm_projector.bin of liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5" in error
+    assert "Set models.weights.projector in params.yaml or DRAPE_LLAVA_PROJECTOR" in error
+    assert not (repo / "models").exists()
+
+
+def test_full_preset_checks_llm_config(tmp_path, no_weight_settings):
+    from drape.presets.llava_models import materialize_llava_models
+    from drape.presets.llava_weights import WeightsNotFoundError
+
+    llm_dir = tmp_path / "vicuna"
+    llm_dir.mkdir()
+    (llm_dir / "config.json").write_text(json.dumps({"hidden_size": 4096}))
+    (llm_dir / "model.safetensors.index.json").write_text("{}")
+    clip_file = tmp_path / "clip.safetensors"
+    clip_file.write_bytes(b"0" * 10)
+    projector = tmp_path / "mm_projector.bin"
+    projector.write_bytes(b"0" * 10)
+
+    # Every source resolves, so the check of Vicuna's config.json is what fails.
+    with pytest.raises(ValueError, match=r"config.json: intermediate_size is None but Vicuna-7B-v1.5 has 11008"):
+        materialize_llava_models(tmp_path / "models", "llava-7b", clip_file, llm_dir, projector)
+    assert not (tmp_path / "models" / "manifest.json").exists()
+    with pytest.raises(WeightsNotFoundError):
+        materialize_llava_models(tmp_path / "models", "llava-7b", clip_file, tmp_path / "nothing", projector)
