@@ -15,6 +15,8 @@ from drape.telemetry import disable_telemetry
 logger = logging.getLogger("drape")
 
 TASK_STAGES = ("data", "features", "train", "prototypes", "evaluate")
+DATA_PARALLEL_STAGES = ("train", "prototypes", "evaluate")
+"""Stages that every process of an ``accelerate launch`` runs; the main process alone writes their outputs."""
 STAGES = ("data", "models", "features", "init", "train", "prototypes", "evaluate", "report")
 STAGE_HELP = {
     "data": "build one task's train/test records and images from packaged data (data/stream/TASK)",
@@ -125,27 +127,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_stage(args: argparse.Namespace) -> int:
     from drape import stages
+    from drape.distributed import processes, write_on_main_process
     from drape.report import format_report
 
     ctx = stages.StageContext(args.params)
+    if not processes().is_main_process:
+        # Every process runs the same steps; the main process's log is enough.
+        logger.setLevel(logging.WARNING)
     if args.stage == "report":
-        report = stages.stage_report(ctx, launcher=args.launcher, log_to_mlflow=not args.no_mlflow)
-        print(format_report(report, ctx.config.tracking.mlflow_uri))
+
+        def report() -> None:
+            result = stages.stage_report(ctx, launcher=args.launcher, log_to_mlflow=not args.no_mlflow)
+            print(format_report(result, ctx.config.tracking.mlflow_uri))
+
+        write_on_main_process(report)
         return 0
     function = getattr(stages, f"stage_{args.stage}")
-    if args.stage in TASK_STAGES:
-        function(ctx, args.task)
+    arguments = (ctx, args.task) if args.stage in TASK_STAGES else (ctx,)
+    if args.stage in DATA_PARALLEL_STAGES or processes().num_processes == 1:
+        function(*arguments)
     else:
-        function(ctx)
+        # Under a multi-process launch the other stages run once, on the main process.
+        write_on_main_process(lambda: function(*arguments))
     return 0
 
 
 def run_train_alone(args: argparse.Namespace) -> int:
     from drape import stages
 
+    from drape.distributed import processes
+
     ctx = stages.StageContext(args.params)
     for task in args.task:
         result = stages.train_alone(ctx, task)
+        if not processes().is_main_process:
+            continue
         print(f"{result['task']:<12} score {result['score']:6.1f}%   final loss {result['final_loss']:.3f}   {result['train_seconds']} s")
     return 0
 

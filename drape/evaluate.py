@@ -16,7 +16,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import gather_object
 
+from drape.distributed import processes
 from drape.features import FeatureSet
 from drape.methods.base import ContinualMethod
 from drape.mllm import FrozenLLM
@@ -49,13 +51,20 @@ def evaluate_task(
     batch_size: int,
     max_new_tokens: int,
 ) -> TaskEvaluation:
-    """Score ``task``'s test split with the model after the current stage."""
+    """Score ``task``'s test split with the model after the current stage.
+
+    Under data parallelism every process routes the whole split, decodes every
+    ``num_processes``-th batch of it and gathers the other processes' predictions. The
+    batches, and so their padding and predictions, are those of a single process.
+    """
     state.eval()
     started = time.perf_counter()
     routes = state.route(features.pooled, features.text, prototypes, task)
+    parallel = processes()
 
     predictions: list[str | None] = [None] * len(features)
-    for start in progress(range(0, len(features), batch_size), desc=f"evaluate {task}"):
+    starts = range(0, len(features), batch_size)[parallel.process_index :: parallel.num_processes]
+    for start in progress(starts, desc=f"evaluate {task}"):
         indices = list(range(start, min(start + batch_size, len(features))))
         # Samples routed to different tasks run in separate groups (different generators or adapters).
         for routed in sorted({routes[i] for i in indices}, key=str):
@@ -64,6 +73,10 @@ def evaluate_task(
             content = state.content(llm, batch, routed)
             for i, text in zip(group, llm.generate(content, batch.instructions, max_new_tokens)):
                 predictions[i] = text
+    if parallel.num_processes > 1:
+        decoded = [(i, text) for i, text in enumerate(predictions) if text is not None]
+        for i, text in gather_object(decoded):
+            predictions[i] = text
     seconds = time.perf_counter() - started
 
     rows, total = [], 0.0

@@ -164,22 +164,33 @@ class FrozenLLM(nn.Module):
             labels[i, span] = torch.tensor(label_rows[i], dtype=torch.long)
         return LLMBatch(embeds, mask, labels if answers is not None else None)
 
-    def loss(self, content_embeds: torch.Tensor, instructions: list[str], answers: list[str]) -> torch.Tensor:
-        """Mean cross-entropy over the answer tokens of the batch."""
+    def loss(self, content_embeds: torch.Tensor, instructions: list[str], answers: list[str], tokens: int | None = None) -> torch.Tensor:
+        """Cross-entropy over the answer tokens of the batch: their mean, or their sum divided by ``tokens``.
+
+        Data-parallel training passes the whole batch's ``answer_tokens`` to every shard, so
+        the shards' losses add up to the mean over the whole batch.
+        """
         batch = self.build_batch(content_embeds, instructions, answers)
         checkpointing = self.checkpointing and torch.is_grad_enabled()
         if checkpointing:
             self.model.train()
+        # transformers' causal-LM loss sums the token losses and divides by num_items_in_batch when it is given.
+        normalizer = {} if tokens is None else {"num_items_in_batch": tokens}
         try:
             output = self.model(
                 inputs_embeds=batch.inputs_embeds.to(self.model.dtype),
                 attention_mask=batch.attention_mask,
                 labels=batch.labels,
+                **normalizer,
             )
         finally:
             if checkpointing:
                 self.model.eval()
         return output.loss
+
+    def answer_tokens(self, answers: list[str]) -> int:
+        """Number of tokens that ``loss`` averages over for ``answers``: each answer and its end-of-sequence token."""
+        return sum(len(ids) + 1 for ids in self.tokenize(answers))
 
     @torch.no_grad()
     def generate(self, content_embeds: torch.Tensor, instructions: list[str], max_new_tokens: int) -> list[str]:

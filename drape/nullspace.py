@@ -14,6 +14,7 @@ per-coordinate scaling would carry a projected gradient out of the null space ag
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -58,8 +59,17 @@ class NullSpaceProjector:
         self._snapshot: dict[str, torch.Tensor] = {}
 
     @contextmanager
-    def accumulating(self):
-        """Within the block, every forward pass of ``module`` adds its inputs to the covariances."""
+    def accumulating(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """Within the block, every forward pass of ``module`` adds its inputs to the covariances.
+
+        ``reduce`` is a sum over data-parallel processes that each run the block on their
+        share of the samples. With it, the block's inputs are summed into fresh matrices,
+        which pass through ``reduce`` before they are added, so every process ends with the
+        same covariances.
+        """
+        earlier = self.covariances
+        if reduce is not None:
+            self.covariances = {name: torch.zeros_like(covariance) for name, covariance in earlier.items()}
 
         def hook(name: str):
             def record(_layer: nn.Module, args: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
@@ -74,6 +84,11 @@ class NullSpaceProjector:
         finally:
             for handle in handles:
                 handle.remove()
+            if reduce is not None:
+                added, self.covariances = self.covariances, earlier
+        if reduce is not None:
+            for name, covariance in added.items():
+                self.covariances[name] = earlier[name] + reduce(covariance)
 
     def update_bases(self) -> dict[str, int]:
         """Recompute the protected subspaces from the covariances; return each layer's rank."""

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from drape.benchmarks import BENCHMARK_KIND, task_scorer
 from drape.config import INIT_STAGE, ConfigError, PipelineConfig, load_config
+from drape.distributed import write_on_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +217,8 @@ def stage_train(ctx: StageContext, task: str) -> None:
         features = concatenate([ctx.features(name, "train") for name in seen])
     log = train_task(state, ctx.llm, task, features, settings.train, ctx.config.seed, steps=steps)
 
-    state.save(ctx.paths.train / task, extra_files={"train_log.json": json.dumps(log.as_dict(), indent=2)})
+    extra_files = {"train_log.json": json.dumps(log.as_dict(), indent=2)}
+    write_on_main_process(lambda: state.save(ctx.paths.train / task, extra_files=extra_files))
 
 
 def _save_prototypes(prototypes, target: Path, statistics: dict | None = None) -> None:
@@ -228,14 +230,18 @@ def _save_prototypes(prototypes, target: Path, statistics: dict | None = None) -
 
 
 def stage_prototypes(ctx: StageContext, task: str) -> None:
-    """Add task ``task``'s image and text prototypes to those of the earlier tasks."""
+    """Add task ``task``'s image and text prototypes to those of the earlier tasks.
+
+    The means are cheap, so under data parallelism every process computes them over all
+    samples, which gives a single process's values exactly, and the main process writes them.
+    """
     settings = ctx.config.task(task)
     features = ctx.features(task, "train")
     earlier = ctx.load_prototypes(settings.after)
     previous = json.loads((ctx.paths.prototypes / settings.after / "prototypes.json").read_text())
     prototypes = earlier.add(task, features.pooled, features.text)
     statistics = {**previous.get("statistics", {}), task: prototypes.statistics(task, features.pooled, features.text)}
-    _save_prototypes(prototypes, ctx.paths.prototypes / task, statistics)
+    write_on_main_process(lambda: _save_prototypes(prototypes, ctx.paths.prototypes / task, statistics))
     logger.info("prototypes of %s; statistics of %s: %s", prototypes.tasks, task, statistics[task])
 
 
@@ -270,15 +276,19 @@ def stage_evaluate(ctx: StageContext, task: str) -> None:
         routing[name] = {str(key): count for key, count in result.routed.items()}
         seconds += result.seconds
 
-    staging = _staging_dir(ctx.paths.eval / task)
     timing = {"samples": len(predictions), "seconds": round(seconds, 3), "batch_size": settings.batch_size}
-    (staging / "scores.json").write_text(json.dumps({"trained": task, "scores": scores, "timing": timing}, indent=2))
     routing_summary = {"method": ctx.config.method, "routing": state.routing, "trained_tasks": state.tasks, "routed": routing}
-    (staging / "routing.json").write_text(json.dumps(routing_summary, indent=2))
-    with (staging / "predictions.jsonl").open("w") as handle:
-        for row in predictions:
-            handle.write(json.dumps(row) + "\n")
-    _replace_dir(staging, ctx.paths.eval / task)
+
+    def write() -> None:
+        staging = _staging_dir(ctx.paths.eval / task)
+        (staging / "scores.json").write_text(json.dumps({"trained": task, "scores": scores, "timing": timing}, indent=2))
+        (staging / "routing.json").write_text(json.dumps(routing_summary, indent=2))
+        with (staging / "predictions.jsonl").open("w") as handle:
+            for row in predictions:
+                handle.write(json.dumps(row) + "\n")
+        _replace_dir(staging, ctx.paths.eval / task)
+
+    write_on_main_process(write)
 
 
 def train_alone(ctx: StageContext, task: str) -> dict:

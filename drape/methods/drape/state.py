@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from drape.distributed import all_reduce_sum, processes, shard_bounds
 from drape.methods.base import CheckpointError, ContinualMethod, ModelDims, load_projector_output
 from drape.methods.drape.config import DrapeConfig
 from drape.methods.drape.model import FixedPrompt, PromptGenerator
@@ -85,7 +86,15 @@ def generated_content(projector, generator, llm, batch) -> torch.Tensor:
 
 @torch.no_grad()
 def accumulate_covariance(projector, nullspace: NullSpaceProjector, features, device: torch.device, batch_size: int = 64) -> None:
-    """Add the projector's layer inputs on ``features`` to the null-space covariances."""
-    with nullspace.accumulating():
-        for start in range(0, len(features), batch_size):
-            projector(features.patches[start : start + batch_size].to(device))
+    """Add the projector's layer inputs on ``features`` to the null-space covariances.
+
+    Under data parallelism each process runs its contiguous share of the samples and the
+    covariances are summed over the processes, so they equal a single process's up to the
+    order of the float64 additions.
+    """
+    parallel = processes()
+    first, last = shard_bounds(len(features), parallel.process_index, parallel.num_processes)
+    reduce = all_reduce_sum if parallel.num_processes > 1 else None
+    with nullspace.accumulating(reduce):
+        for start in range(first, last, batch_size):
+            projector(features.patches[start : min(start + batch_size, last)].to(device))
