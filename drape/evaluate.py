@@ -11,6 +11,7 @@ transfer).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -57,10 +58,14 @@ def evaluate_task(
     ``num_processes``-th batch of it and gathers the other processes' predictions. The
     batches, and so their padding and predictions, are those of a single process.
     """
+    parallel = processes()
+    state.to(parallel.device)
+    llm.to(parallel.device)
     state.eval()
     started = time.perf_counter()
     routes = state.route(features.pooled, features.text, prototypes, task)
-    parallel = processes()
+    # The same bf16 autocast as training when accelerate's mixed precision is bf16.
+    bf16 = os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "bf16"
 
     predictions: list[str | None] = [None] * len(features)
     starts = range(0, len(features), batch_size)[parallel.process_index :: parallel.num_processes]
@@ -70,8 +75,10 @@ def evaluate_task(
         for routed in sorted({routes[i] for i in indices}, key=str):
             group = [i for i in indices if routes[i] == routed]
             batch = features.select(group)
-            content = state.content(llm, batch, routed)
-            for i, text in zip(group, llm.generate(content, batch.instructions, max_new_tokens)):
+            with torch.autocast(parallel.device.type, dtype=torch.bfloat16, enabled=bf16):
+                content = state.content(llm, batch, routed)
+                texts = llm.generate(content, batch.instructions, max_new_tokens)
+            for i, text in zip(group, texts):
                 predictions[i] = text
     if parallel.num_processes > 1:
         decoded = [(i, text) for i, text in enumerate(predictions) if text is not None]

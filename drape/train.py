@@ -150,11 +150,13 @@ def _run_steps(state, llm, task, features, settings, seed, accelerator, groups, 
         if parallel:
             loss, extra = _data_parallel_backward(model, llm, task, batch, accelerator, parameters)
         else:
-            content = model.content(llm, batch, task)
-            loss = llm.loss(content, batch.instructions, batch.answers)
-            extra = model.regularizer(batch, task)
-            if extra is not None:
-                loss = loss + extra
+            # bf16 autocast when accelerate's mixed precision is set (ACCELERATE_MIXED_PRECISION=bf16).
+            with accelerator.autocast():
+                content = model.content(llm, batch, task)
+                loss = llm.loss(content, batch.instructions, batch.answers)
+                extra = model.regularizer(batch, task)
+                if extra is not None:
+                    loss = loss + extra
             accelerator.backward(loss)
             loss = float(loss.detach())
         if extra is not None:
@@ -190,11 +192,12 @@ def _data_parallel_backward(model, llm, task, batch, accelerator, parameters) ->
     start, end = shard_bounds(len(batch), accelerator.process_index, accelerator.num_processes)
     shard = batch.select(list(range(start, end)))
     loss = None
-    if len(shard):
-        # content() comes first, as in a single process: LoRA methods switch their trainable adapter on there.
-        content = model.content(llm, shard, task)
-        loss = llm.loss(content, shard.instructions, shard.answers, tokens=llm.answer_tokens(batch.answers))
-    regularizer = model.regularizer(batch, task)
+    with accelerator.autocast():
+        if len(shard):
+            # content() comes first, as in a single process: LoRA methods switch their trainable adapter on there.
+            content = model.content(llm, shard, task)
+            loss = llm.loss(content, shard.instructions, shard.answers, tokens=llm.answer_tokens(batch.answers))
+        regularizer = model.regularizer(batch, task)
     if regularizer is not None and accelerator.is_main_process:
         loss = regularizer if loss is None else loss + regularizer
     if loss is not None:
