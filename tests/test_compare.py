@@ -17,13 +17,12 @@ from drape.config import ConfigError
 SPEC = {
     "budget": {"n_train": 4, "n_test": 2, "epochs": 1, "batch_size": 2},
     "seeds": [0, 1],
-    "seeded": ["drape", "strongest-baseline"],
+    "seeded": ["strongest-baseline"],
     "tracking": {"experiment": "comparison-test"},
     "evaluate": {"forward_transfer": False},
     "rows": [
         {"name": "l2p", "group": "baseline", "set": {"method": "l2p"}},
         {"name": "drape-no-nullspace", "group": "ablation", "set": {"method": "drape", "drape.nullspace": False}},
-        {"name": "drape", "group": "drape", "set": {"method": "drape"}},
     ],
 }
 
@@ -58,7 +57,7 @@ def test_every_row_and_seed_ran(compared):
     first_seed = {(row["name"], 0) for row in SPEC["rows"]}
     strongest = summary["strongest_baseline"]
     assert strongest == "l2p"
-    assert runs == first_seed | {("drape", 1), (strongest, 1)}
+    assert runs == first_seed | {(strongest, 1)}
     assert summary["runs"] == len(runs)
 
 
@@ -66,7 +65,7 @@ def test_runs_are_dvc_experiments(compared):
     repo, _, _ = compared
     listed = subprocess.run(["dvc", "exp", "list", "--name-only"], cwd=repo, capture_output=True, text=True, env=dict(PATH=str(Path(sys.executable).parent)))
     names = set(listed.stdout.split())
-    assert {"drape-seed0", "drape-seed1", "l2p-seed1", "drape-no-nullspace-seed0"} <= names
+    assert {"l2p-seed0", "l2p-seed1", "drape-no-nullspace-seed0"} <= names
 
 
 def test_results_page_has_table_plot_and_links(compared):
@@ -82,21 +81,22 @@ def test_results_page_has_table_plot_and_links(compared):
     for run in raw["runs"]:
         assert run["mlflow_run_id"], run["row"]
         assert run["mlflow_run_id"] in page
-    # Seeded rows show a standard deviation; drape has routing, l2p does not.
-    drape_line = next(line for line in page.splitlines() if line.startswith("| `drape` "))
-    assert "±" in drape_line
+    # A seeded row shows a standard deviation. DRAPE routes by prototypes, L2P does not route.
     l2p_line = next(line for line in page.splitlines() if line.startswith("| `l2p` "))
+    assert "±" in l2p_line
     assert l2p_line.split(" | ")[8] == "–"
+    drape_line = next(line for line in page.splitlines() if line.startswith("| `drape-no-nullspace` "))
+    assert drape_line.split(" | ")[8] != "–"
 
 
 def test_run_metrics_match_their_settings(compared):
     repo, _, _ = compared
     raw = json.loads((repo / "docs/results.json").read_text())
     by_row = {(run["row"], run["seed"]): run for run in raw["runs"]}
-    assert "routing_accuracy" in by_row[("drape", 0)]["metrics"]
+    assert "routing_accuracy" in by_row[("drape-no-nullspace", 0)]["metrics"]
     assert "routing_accuracy" not in by_row[("l2p", 0)]["metrics"]
     # Forward transfer is off: the entry above the diagonal was not evaluated.
-    assert by_row[("drape", 0)]["matrix"][0][1] is None
+    assert by_row[("drape-no-nullspace", 0)]["matrix"][0][1] is None
 
 
 def test_workspace_restored_after_comparison(compared):
