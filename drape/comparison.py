@@ -383,8 +383,9 @@ def _slow_runs(results: list[RunResult]) -> list[str]:
         return []
     names = ", ".join(f"`{result.row}` seed {result.seed} ({result.seconds:.0f} s)" for result in slow)
     return [
-        f"Runs that took over twice the median run time ({median:.0f} s): {names}. Other jobs shared "
-        "the machine's cores during them, so their latency column is inflated by the same load.",
+        f"Runs that took over twice the median run time ({median:.0f} s): {names}. Their wall time "
+        "and latency are not comparable with the other rows; on a 2-core machine this happens when "
+        "other jobs share the cores.",
         "",
     ]
 
