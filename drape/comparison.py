@@ -376,7 +376,7 @@ def render_markdown(spec, rows, table, strongest, wall_seconds, command, results
 
 
 def _slow_runs(results: list[RunResult]) -> list[str]:
-    """A paragraph naming the runs that took over twice the median wall time, if any."""
+    """Name the runs that took over twice the median wall time, as a paragraph (empty if none)."""
     median = statistics.median(result.seconds for result in results)
     slow = [result for result in results if result.seconds > 2 * median]
     if not slow:

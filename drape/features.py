@@ -64,7 +64,7 @@ class FeatureSet:
 
 
 def concatenate(parts: list[FeatureSet]) -> FeatureSet:
-    """The samples of several feature sets as one, in order."""
+    """Join several feature sets into one, keeping their order."""
     return FeatureSet(
         ids=[i for part in parts for i in part.ids],
         instructions=[text for part in parts for text in part.instructions],

@@ -106,7 +106,7 @@ class StageContext:
             raise ConfigError(f"{self.params_path}: {self.config.method}: {error}") from None
 
     def load_state(self, stage: str, attach: bool = True):
-        """The method's state after ``stage``, connected to the frozen LLM unless ``attach`` is false."""
+        """Load the method's state after ``stage`` and connect it to the frozen LLM unless ``attach`` is false."""
         state = self.new_state().load(self.paths.train / stage)
         if attach:
             state.attach(self.llm)

@@ -38,7 +38,7 @@ METHODS = {
 
 
 def method_class(name: str):
-    """The ``ContinualMethod`` subclass registered as ``name``."""
+    """Return the ``ContinualMethod`` subclass registered as ``name``."""
     if name not in METHODS:
         raise ValueError(f"unknown method '{name}'; allowed values: {', '.join(METHODS)}")
     module, cls = METHODS[name][1].split(":")

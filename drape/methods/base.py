@@ -116,7 +116,7 @@ class ContinualMethod(nn.Module):
         return []
 
     def trains_projector(self) -> bool:
-        """Whether the shared projector trains during the current task."""
+        """Return whether the shared projector trains during the current task."""
         return True
 
     def learning_rate(self, generator_lr: float) -> float:
@@ -137,7 +137,7 @@ class ContinualMethod(nn.Module):
         return [None] * len(pooled)
 
     def content(self, llm, batch, route: str | None) -> torch.Tensor:
-        """The embeddings the LLM reads before the instruction: (B, K, d_llm).
+        """Build the embeddings the LLM reads before the instruction: (B, K, d_llm).
 
         ``route`` is the task chosen for the batch: the task being trained during training,
         the routed task at evaluation (``None`` for methods that do not route).

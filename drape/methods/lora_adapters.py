@@ -117,7 +117,7 @@ class LoraMethod(ContinualMethod):
         super().load_stored_tensors({key: value for key, value in tensors.items() if not key.startswith(LORA_PREFIX)})
 
     def lora_layers(self):
-        """The LLM's LoRA-wrapped Linear layers."""
+        """Return the LLM's LoRA-wrapped Linear layers."""
         from peft.tuners.lora import LoraLayer
 
         return [module for module in self._peft.modules() if isinstance(module, LoraLayer)]

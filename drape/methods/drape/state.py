@@ -30,8 +30,8 @@ class DrapeState(ContinualMethod):
     def __init__(self, config: DrapeConfig, dims: ModelDims):
         super().__init__(config, dims)
         self.generators = nn.ModuleDict()
-        # The covariances are kept even with ``nullspace: false`` so that the drift and the
-        # ranks are comparable between DRAPE and the ablation; only the projection is off.
+        # The covariances are kept even with ``nullspace: false``, so the ranks are comparable
+        # between DRAPE and the ablation. Only the projection is off.
         self.nullspace = NullSpaceProjector(self.projector, config.nullspace_threshold)
 
     @property
