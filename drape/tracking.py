@@ -83,6 +83,8 @@ def log_pipeline_run(ctx, matrix, metrics: dict[str, float], confusion: np.ndarr
             prototype_stats = json.loads((ctx.paths.prototypes / task / "prototypes.json").read_text())["statistics"].get(task, {})
             with mlflow.start_run(run_name=f"{t + 1:02d}-{task}", nested=True, tags={"task": task, "position": str(t + 1), **tags}):
                 mlflow.log_params(_flatten(f"stream.{task}", config.stream[task].model_dump(mode="json"), {}))
+                # Logs written before the process count was recorded come from one process.
+                mlflow.log_param("train_processes", train_log.get("processes", 1))
                 for step, loss in enumerate(train_log["losses"]):
                     mlflow.log_metric("train_loss", loss, step=step)
                 mlflow.log_metrics(

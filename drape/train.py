@@ -45,6 +45,8 @@ class TrainLog:
     protected_rank_during_training: dict[str, int] = field(default_factory=dict)
     """Rank of the subspace that constrained this task's updates (earlier tasks')."""
     trainable_parameters: int = 0
+    processes: int = 1
+    """Number of data-parallel processes that trained the task (``samples_per_second`` is their total)."""
     extra: dict = field(default_factory=dict)
     """Method-specific values reported at the end of the task."""
 
@@ -66,6 +68,7 @@ class TrainLog:
             "nullspace_rank": self.nullspace_rank,
             "protected_rank_during_training": self.protected_rank_during_training,
             "trainable_parameters": self.trainable_parameters,
+            "processes": self.processes,
             **self.extra,
         }
 
@@ -93,7 +96,11 @@ def train_task(
     """
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     state.add_task(task)
-    log = TrainLog(task=task, protected_rank_during_training=state.nullspace.ranks() if state.nullspace else {})
+    log = TrainLog(
+        task=task,
+        protected_rank_during_training=state.nullspace.ranks() if state.nullspace else {},
+        processes=accelerator.num_processes,
+    )
 
     groups = []
     task_parameters = state.task_parameters(task)

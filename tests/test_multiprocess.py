@@ -1,13 +1,17 @@
 """Data-parallel stages: ``accelerate launch`` on two CPU processes against one process.
 
-The same stream runs twice on the tiny preset from the same data, features and initial
-state: once in one plain process, once with the data-parallel stages launched on two
-gloo processes. The mini-batches (4 samples) split 2/2, 2/1 and 1/0 between the
-processes, and the evaluation batches (2 samples) alternate between them.
+The same stream runs twice from the same data, features and initial state: once in one
+plain process, once with the data-parallel stages launched on two processes that talk
+through gloo. The mini-batches (4 samples) split 2/2, 2/1 and 1/0 between the processes,
+and the evaluation batches (2 samples) alternate between them.
 
-The tiny preset's LLM has random weights and decodes empty answers. So the predictions
-and the accuracy matrix check the order, routing and gathering of the evaluation, while
-the trained weights, losses and covariances check the numerics of training.
+DRAPE runs on the embedded real models under ``accelerate launch --cpu``, which starts
+the processes through Open MPI's ``mpirun``. SmolLM2 decodes real words, so the
+predictions and the accuracy matrix check the evaluation's numerics as well as its order,
+routing and gathering. O-LoRA, whose adapters live inside the LLM, runs on the tiny
+preset under ``accelerate launch --multi_gpu``, the ``torchrun`` launcher that GPU machines
+use. There the random LLM decodes empty answers, so the trained weights and losses carry
+the check.
 """
 
 from __future__ import annotations
@@ -34,15 +38,15 @@ TASKS = {"digits": ("digits-classify", 5), "parity": ("digits-parity", 7)}
 """Task name -> (data kind, training samples): batches of 4+1 and 4+3 samples."""
 
 METHODS = {
-    "drape": ({"method": "drape"}, ("train", "prototypes", "evaluate")),
-    "o_lora": ({"method": "o_lora", "o_lora": {"rank": 2, "l2_weight": 0.01}}, ("train",)),
+    "drape": ({"method": "drape"}, ("train", "prototypes", "evaluate"), "embedded", "cpu"),
+    "o_lora": ({"method": "o_lora", "o_lora": {"rank": 2, "l2_weight": 0.01}}, ("train",), "tiny", "torchrun"),
 }
-"""Method -> (params overrides, stages launched on two processes).
+"""Method -> (params overrides, stages launched on two processes, preset, launcher).
 
 DRAPE has null-space covariances, a projector and generators. O-LoRA trains adapters
 inside the LLM with a regularizer. Only O-LoRA's training is launched on two processes,
 because its prototypes and evaluation run the same code as DRAPE's and each launch costs
-about 15 s of process start-up on two cores.
+about 10 s of process start-up on two cores.
 """
 
 STAGES = ("train", "prototypes", "evaluate")
@@ -52,19 +56,22 @@ LEARNING_RATE = 1e-3
 
 # Float32 training: the shards pad their sequences to other lengths than the whole batch,
 # so token losses and gradients differ from a single process's in the last bits. AdamW
-# divides each gradient by its running magnitude, which enlarges those differences for
-# gradients near its epsilon (1e-8). A few weights then differ by up to about 1e-5, a
-# hundredth of a step, while the median weight differs by about 1e-9. A wrong reduction
-# (a lost shard, a double-counted term) moves most weights by a sizeable part of a step,
-# and changes the logged gradient norms.
-WEIGHT_ATOL = 0.1 * LEARNING_RATE
+# divides each gradient by its running magnitude, which turns those differences into steps
+# of up to the learning rate for gradients that are zero up to rounding. On the embedded
+# models about one weight in 100,000 differs by more than a tenth of a step (the largest
+# by 1.7 steps, in a projector row that gets almost no gradient), while the median weight
+# differs by about 1e-9. A wrong reduction (a lost shard, a double-counted term) moves most
+# weights by a sizeable part of a step, and changes the logged gradient norms.
+OUTLIER_DIFFERENCE = 0.1 * LEARNING_RATE
+MAX_OUTLIER_FRACTION = 1e-4
 MEDIAN_WEIGHT_DIFFERENCE = 1e-7
 LOSS_RTOL = 1e-5
 # The first projector layer's inputs are the fixed features, so its covariance differs only
-# by the order of float64 additions. Deeper layers' inputs carry the trained weights' float32
-# differences, so their covariances agree to 1e-6 of their largest entry.
-FIRST_LAYER_COVARIANCE_RTOL = 1e-12
-COVARIANCE_ATOL_PER_SCALE = 1e-6
+# by the order of float64 additions (about 1e-16 of its largest entry). The second layer's
+# inputs carry the trained weights' differences, so its covariance agrees to about 1e-5 of
+# its largest entry on the embedded models. A lost or doubled shard changes the sums by a
+# sizeable fraction.
+COVARIANCE_ATOL_PER_SCALE = {"covariance.fc1": 1e-12, "covariance.fc2": 1e-4}
 
 
 def stream() -> dict:
@@ -76,7 +83,7 @@ def stream() -> dict:
 
 
 def method_params(method: str) -> dict:
-    params = small_params(stream=stream(), evaluate={"batch_size": 2, "max_new_tokens": 3})
+    params = small_params(METHODS[method][2], stream=stream(), evaluate={"batch_size": 2, "max_new_tokens": 3})
     for name, values in METHODS[method][0].items():
         params[name] = {**params[name], **values} if isinstance(values, dict) else values
     return params
@@ -91,6 +98,9 @@ def cpu_environment() -> dict:
         OMP_NUM_THREADS="1",
         MKL_NUM_THREADS="1",
         PATH=str(BIN) + os.pathsep + env["PATH"],
+        # Open MPI refuses to start processes as root (as in CI containers) without both.
+        OMPI_ALLOW_RUN_AS_ROOT="1",
+        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
     )
     return env
 
@@ -107,30 +117,30 @@ def run_single_process(repo: Path, stages: tuple[str, ...] = STAGES) -> None:
     run([sys.executable, "-c", script], repo)
 
 
-def run_two_processes(repo: Path, launched: tuple[str, ...]) -> None:
-    """Run ``launched`` stages under ``accelerate launch`` with two CPU processes, then the others in one.
+def launch_command(launcher: str, workdir: Path) -> list[str]:
+    """``accelerate launch`` of ``drape.cli`` on two CPU processes with ``launcher``.
+
+    ``cpu``: ``--cpu`` starts several processes only through ``mpirun`` with a hostfile;
+    Open MPI comes with the test extras. ``torchrun``: ``--multi_gpu`` starts them through
+    ``torchrun``, and without a visible GPU drape joins them in one gloo group.
+    """
+    common = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    common += ["--main_process_port", str(free_port())]
+    if launcher == "cpu":
+        hostfile = workdir / "hostfile"
+        hostfile.write_text("localhost slots=2\n")
+        options = ["--cpu", "--mpirun_hostfile", str(hostfile)]
+    else:
+        options = ["--multi_gpu"]
+    return [str(BIN / "accelerate"), "launch", *options, *common, "-m", "drape.cli"]
+
+
+def run_two_processes(repo: Path, launched: tuple[str, ...], launcher: str) -> None:
+    """Run ``launched`` stages on two processes started by ``launcher``, then the others in one.
 
     Training depends only on earlier training, so the others can follow all launches.
     """
-    launch = [
-        str(BIN / "accelerate"),
-        "launch",
-        # accelerate 1.16 starts several CPU processes only through torchrun, which its
-        # --multi_gpu launcher runs; drape then joins them in one gloo group.
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "drape.cli",
-    ]
+    launch = launch_command(launcher, repo.parent)
     for task in TASKS:
         for stage in launched:
             run([*launch, "stage", stage, "--task", task], repo)
@@ -141,18 +151,30 @@ def run_two_processes(repo: Path, launched: tuple[str, ...]) -> None:
 
 
 @pytest.fixture(scope="module")
-def prepared(tiny_models, tmp_path_factory) -> Path:
-    """A pipeline repository with every task's data and features and the initial state."""
-    repo = make_pipeline_repo(tmp_path_factory.mktemp("multiprocess") / "prepared", method_params("drape"), models=tiny_models)
-    previous = os.getcwd()
-    os.chdir(repo)
-    try:
-        for name in TASKS:
-            assert main(["stage", "data", "--task", name]) == 0
-            assert main(["stage", "features", "--task", name]) == 0
-    finally:
-        os.chdir(previous)
-    return repo
+def prepared(request, tmp_path_factory):
+    """Return, for a method, a pipeline repository with every task's data and features on its preset.
+
+    Each preset's repository is built once, on first use.
+    """
+    repos = {}
+
+    def prepare(method: str) -> Path:
+        preset = METHODS[method][2]
+        if preset not in repos:
+            models = request.getfixturevalue(f"{preset}_models")
+            repo = make_pipeline_repo(tmp_path_factory.mktemp(f"multiprocess-{preset}") / "prepared", method_params(method), models=models)
+            previous = os.getcwd()
+            os.chdir(repo)
+            try:
+                for name in TASKS:
+                    assert main(["stage", "data", "--task", name]) == 0
+                    assert main(["stage", "features", "--task", name]) == 0
+            finally:
+                os.chdir(previous)
+            repos[preset] = repo
+        return repos[preset]
+
+    return prepare
 
 
 @pytest.fixture(scope="module", params=list(METHODS))
@@ -162,7 +184,7 @@ def runs(request, prepared, tmp_path_factory) -> tuple[Path, Path, str]:
     repos = []
     for name in ("single", "parallel"):
         repo = tmp_path_factory.mktemp(f"{method}-{name}") / "repo"
-        shutil.copytree(prepared, repo, symlinks=True)
+        shutil.copytree(prepared(method), repo, symlinks=True)
         write_params(repo, method_params(method))
         previous = os.getcwd()
         os.chdir(repo)
@@ -175,7 +197,7 @@ def runs(request, prepared, tmp_path_factory) -> tuple[Path, Path, str]:
 
     started = time.perf_counter()
     run_single_process(single)
-    run_two_processes(parallel, METHODS[method][1])
+    run_two_processes(parallel, METHODS[method][1], METHODS[method][3])
     print(f"{method}: both streams in {time.perf_counter() - started:.1f} s")
 
     for repo in repos:
@@ -206,6 +228,15 @@ def test_predictions_are_identical(runs, task):
     assert found == expected
 
 
+def test_real_models_decode_words(runs):
+    """On the embedded preset the compared predictions are SmolLM2's words, not empty strings."""
+    _, parallel, method = runs
+    if METHODS[method][2] != "embedded":
+        pytest.skip("the tiny preset's random LLM decodes empty answers")
+    rows = [json.loads(line) for task in TASKS for line in (parallel / "results/eval" / task / "predictions.jsonl").read_text().splitlines()]
+    assert sum(bool(row["prediction"].strip()) for row in rows) >= len(rows) // 2, [row["prediction"] for row in rows]
+
+
 @pytest.mark.parametrize("task", list(TASKS))
 def test_prototypes_match(runs, task):
     single, parallel, _ = runs
@@ -217,6 +248,19 @@ def test_prototypes_match(runs, task):
         assert torch.equal(found[key], expected[key]), key
 
 
+def without_key_bias(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` without the key bias when it is an attention layer's packed input bias.
+
+    A key bias adds the same number to a query's scores over all keys, and the softmax
+    removes it. So its gradient is zero up to rounding, and AdamW moves each of its entries
+    by up to a full step in a direction set by that rounding.
+    """
+    if not name.endswith("in_proj_bias"):
+        return tensor
+    width = tensor.numel() // 3
+    return torch.cat([tensor[:width], tensor[2 * width :]])
+
+
 @pytest.mark.parametrize("task", list(TASKS))
 def test_trained_weights_match(runs, task):
     single, parallel, _ = runs
@@ -225,8 +269,10 @@ def test_trained_weights_match(runs, task):
         found = load_file(parallel / "results/train" / task / name)
         assert expected.keys() == found.keys()
         for key in expected:
-            difference = (found[key] - expected[key]).abs()
-            assert torch.allclose(found[key], expected[key], rtol=0, atol=WEIGHT_ATOL), f"{name}: {key}: max difference {difference.max():.3g}"
+            assert torch.isfinite(found[key]).all(), f"{name}: {key}"
+            difference = without_key_bias(key, found[key] - expected[key]).abs().flatten()
+            outliers = float((difference > OUTLIER_DIFFERENCE).float().mean())
+            assert outliers <= MAX_OUTLIER_FRACTION, f"{name}: {key}: {outliers:.3g} of the weights differ by more than {OUTLIER_DIFFERENCE:g}"
             assert difference.median() < MEDIAN_WEIGHT_DIFFERENCE, f"{name}: {key}: median difference {difference.median():.3g}"
 
 
@@ -236,6 +282,8 @@ def test_training_log_matches(runs, task):
     expected = json.loads((single / "results/train" / task / "train_log.json").read_text())
     found = json.loads((parallel / "results/train" / task / "train_log.json").read_text())
     assert found["steps"] == expected["steps"] == 2
+    # A launch that silently starts one process would pass every other comparison.
+    assert (expected["processes"], found["processes"]) == (1, 2)
     assert found["samples_seen"] == expected["samples_seen"]
     for key in ("losses", "regularizer", "gradient_norms"):
         assert len(found[key]) == len(expected[key]), key
@@ -256,13 +304,11 @@ def test_nullspace_covariances_match(runs, task):
     found = load_file(parallel / path)
     assert expected.keys() == found.keys()
     assert list(expected) == ["covariance.fc1", "covariance.fc2"]
-    first = expected["covariance.fc1"]
-    assert torch.allclose(found["covariance.fc1"], first, rtol=FIRST_LAYER_COVARIANCE_RTOL, atol=0)
     for key in expected:
         scale = float(expected[key].abs().max())
         assert scale > 0, key
         difference = (found[key] - expected[key]).abs().max()
-        assert torch.allclose(found[key], expected[key], rtol=0, atol=COVARIANCE_ATOL_PER_SCALE * scale), f"{key}: max difference {difference:.3g}"
+        assert torch.allclose(found[key], expected[key], rtol=0, atol=COVARIANCE_ATOL_PER_SCALE[key] * scale), f"{key}: max difference {difference:.3g}"
 
 
 def test_no_partial_outputs_left(runs):
