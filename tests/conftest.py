@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
@@ -95,6 +96,29 @@ def make_pipeline_repo(root: Path, params: dict, models: Path | None = None) -> 
     if models is not None:
         shutil.copytree(models, root / "models")
     return root
+
+
+def run_stages(repo: Path, calls: list[list[str]]) -> None:
+    """Run ``drape`` command lines (``["stage", "train", ...]``) in ``repo`` in this process; each must exit 0."""
+    from drape.cli import main
+
+    with contextlib.chdir(repo):
+        for argv in calls:
+            assert main(argv) == 0, argv
+
+
+def input_stages(tasks) -> list[list[str]]:
+    """The ``data`` and ``features`` stages of ``tasks``."""
+    return [["stage", stage, "--task", task] for task in tasks for stage in ("data", "features")]
+
+
+def stream_stages(tasks, report: bool = True) -> list[list[str]]:
+    """``init``, every task's ``train``, ``prototypes`` and ``evaluate``, then the report without MLflow."""
+    calls = [["stage", "init"]]
+    calls += [["stage", stage, "--task", task] for task in tasks for stage in ("train", "prototypes", "evaluate")]
+    if report:
+        calls.append(["stage", "report", "--no-mlflow"])
+    return calls
 
 
 def free_port() -> int:

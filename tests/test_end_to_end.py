@@ -8,8 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import make_pipeline_repo, small_params, small_task
-from drape.cli import main
+from conftest import input_stages, make_pipeline_repo, run_stages, small_params, small_task, stream_stages
 from drape.metrics import read_matrix_csv
 
 KINDS = {
@@ -29,23 +28,7 @@ def embedded_run(embedded_models, tmp_path_factory):
         after = name
     params = small_params(preset="embedded", stream=stream)
     repo = make_pipeline_repo(tmp_path_factory.mktemp("e2e") / "repo", params, models=embedded_models)
-
-    import os
-
-    previous = os.getcwd()
-    os.chdir(repo)
-    try:
-        for name in KINDS:
-            assert main(["stage", "data", "--task", name]) == 0
-            assert main(["stage", "features", "--task", name]) == 0
-        assert main(["stage", "init"]) == 0
-        for name in KINDS:
-            assert main(["stage", "train", "--task", name]) == 0
-            assert main(["stage", "prototypes", "--task", name]) == 0
-            assert main(["stage", "evaluate", "--task", name]) == 0
-        assert main(["stage", "report", "--no-mlflow"]) == 0
-    finally:
-        os.chdir(previous)
+    run_stages(repo, input_stages(KINDS) + stream_stages(KINDS))
     return repo
 
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 
-from conftest import make_pipeline_repo, small_params, small_task, write_params
-from drape.cli import main
+from conftest import input_stages, make_pipeline_repo, run_stages, small_params, small_task, stream_stages, write_params
 from drape.methods import METHODS
 from drape.metrics import read_matrix_csv
 
@@ -52,31 +50,14 @@ def small_method_params(**overrides) -> dict:
 
 def run_stream(repo) -> dict:
     """Run init, then train/prototypes/evaluate per task and the report; return the metrics."""
-    previous = os.getcwd()
-    os.chdir(repo)
-    try:
-        assert main(["stage", "init"]) == 0
-        for name in TASKS:
-            assert main(["stage", "train", "--task", name]) == 0
-            assert main(["stage", "prototypes", "--task", name]) == 0
-            assert main(["stage", "evaluate", "--task", name]) == 0
-        assert main(["stage", "report", "--no-mlflow"]) == 0
-    finally:
-        os.chdir(previous)
+    run_stages(repo, stream_stages(TASKS))
     return json.loads((repo / "results/report/metrics.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def repo(tiny_models, tmp_path_factory):
     repo = make_pipeline_repo(tmp_path_factory.mktemp("methods") / "repo", small_method_params(), models=tiny_models)
-    previous = os.getcwd()
-    os.chdir(repo)
-    try:
-        for name in TASKS:
-            assert main(["stage", "data", "--task", name]) == 0
-            assert main(["stage", "features", "--task", name]) == 0
-    finally:
-        os.chdir(previous)
+    run_stages(repo, input_stages(TASKS))
     return repo
 
 

@@ -28,8 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import BIN, REPO_ROOT, free_port, make_pipeline_repo, small_params, small_task, write_params
-from drape.cli import main
+from conftest import BIN, REPO_ROOT, free_port, input_stages, make_pipeline_repo, run_stages, small_params, small_task, write_params
 from drape.distributed import shard_bounds
 from drape.metrics import read_matrix_csv
 from drape.nullspace import NullSpaceProjector
@@ -163,14 +162,7 @@ def prepared(request, tmp_path_factory):
         if preset not in repos:
             models = request.getfixturevalue(f"{preset}_models")
             repo = make_pipeline_repo(tmp_path_factory.mktemp(f"multiprocess-{preset}") / "prepared", method_params(method), models=models)
-            previous = os.getcwd()
-            os.chdir(repo)
-            try:
-                for name in TASKS:
-                    assert main(["stage", "data", "--task", name]) == 0
-                    assert main(["stage", "features", "--task", name]) == 0
-            finally:
-                os.chdir(previous)
+            run_stages(repo, input_stages(TASKS))
             repos[preset] = repo
         return repos[preset]
 
@@ -186,12 +178,7 @@ def runs(request, prepared, tmp_path_factory) -> tuple[Path, Path, str]:
         repo = tmp_path_factory.mktemp(f"{method}-{name}") / "repo"
         shutil.copytree(prepared(method), repo, symlinks=True)
         write_params(repo, method_params(method))
-        previous = os.getcwd()
-        os.chdir(repo)
-        try:
-            assert main(["stage", "init"]) == 0
-        finally:
-            os.chdir(previous)
+        run_stages(repo, [["stage", "init"]])
         repos.append(repo)
     single, parallel = repos
 
@@ -201,12 +188,7 @@ def runs(request, prepared, tmp_path_factory) -> tuple[Path, Path, str]:
     print(f"{method}: both streams in {time.perf_counter() - started:.1f} s")
 
     for repo in repos:
-        previous = os.getcwd()
-        os.chdir(repo)
-        try:
-            assert main(["stage", "report", "--no-mlflow"]) == 0
-        finally:
-            os.chdir(previous)
+        run_stages(repo, [["stage", "report", "--no-mlflow"]])
     return single, parallel, method
 
 
