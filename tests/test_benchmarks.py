@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -481,17 +483,65 @@ def test_data_stage_writes_benchmark_task(coin_root, tmp_path, caplog):
     assert sorted(entry.name for entry in task_dir.iterdir()) == ["images", "test.jsonl", "train.jsonl"]
     train = read_records(task_dir / "train.jsonl", image_root=task_dir)
     test = read_records(task_dir / "test.jsonl", image_root=task_dir)
-    # The text-only record of each split is left out and logged.
-    assert [record.id for record in train] == ["sqa-0", "sqa-1", "sqa-3"]
-    assert [record.id for record in test] == ["sqa-t0", "sqa-t2"]
-    assert "left out 1 text-only records of 4" in caplog.text
+    # Text-only records are kept (text_only: keep is the default), without an image path.
+    assert [record.id for record in train] == ["sqa-0", "sqa-1", "sqa-2", "sqa-3"]
+    assert [record.id for record in test] == ["sqa-t0", "sqa-t1", "sqa-t2"]
+    assert train[2].image is None
+    assert test[1].image is None
+    assert "left out" not in caplog.text
     assert train[0].image == "images/ScienceQA/train/0/image.png"
     assert train[0].answer == "B"
-    assert test[1].answer == "B"
+    assert test[1].answer == "A"
 
     link = task_dir / train[0].image
     assert link.is_symlink()
     assert link.resolve() == (coin_root / "cl_dataset/ScienceQA/train/0/image.png").resolve()
+
+
+def test_data_stage_drops_text_only_on_request(coin_root, tmp_path, caplog):
+    from drape.stages import stage_data
+
+    ctx = stage_context(tmp_path, benchmark_params(coin_root, text_only="drop"))
+    with caplog.at_level(logging.WARNING):
+        stage_data(ctx, "sqa")
+    task_dir = ctx.paths.stream / "sqa"
+
+    train = read_records(task_dir / "train.jsonl", image_root=task_dir)
+    test = read_records(task_dir / "test.jsonl", image_root=task_dir)
+    assert [record.id for record in train] == ["sqa-0", "sqa-1", "sqa-3"]
+    assert [record.id for record in test] == ["sqa-t0", "sqa-t2"]
+    assert "left out 1 text-only records of 4 (text_only: drop)" in caplog.text
+
+
+def test_text_only_setting_rejects_unknown_value(coin_root):
+    message = config_error(benchmark_params(coin_root, text_only="blank"))
+    assert "text_only" in message
+    assert "'keep'" in message
+
+
+def test_features_encode_text_only_records_from_blank_image(coin_root, tmp_path, embedded_models):
+    from drape.encoders import load_clip, stack_pixels
+    from drape.features import extract_split, load_features
+    from drape.stages import stage_data
+
+    ctx = stage_context(tmp_path, benchmark_params(coin_root))
+    stage_data(ctx, "sqa")
+    task_dir = ctx.paths.stream / "sqa"
+    encoder = load_clip(embedded_models / "clip")
+    out = tmp_path / "test.parquet"
+    assert extract_split(encoder, task_dir / "test.jsonl", task_dir, out) == 3
+
+    features = load_features(out, dataclasses.asdict(encoder.info))
+    assert features.ids == ["sqa-t0", "sqa-t1", "sqa-t2"]
+    blank_patches, blank_pooled = encoder.encode_images([None])
+    # The Parquet file stores patches in float16 (about 3 significant digits).
+    assert torch.allclose(features.patches[1], blank_patches[0], rtol=2e-3, atol=1e-3)
+    assert torch.allclose(features.pooled[1], blank_pooled[0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(features.pooled[0], features.pooled[1])
+
+    pixels = stack_pixels(encoder.preprocess, [None, None])
+    assert pixels.shape[0] == 2
+    assert not pixels.any()
 
 
 def test_data_stage_keeps_boxes_and_copies(coin_root, tmp_path):

@@ -73,7 +73,7 @@ def _draw(records: list[Record], n: int | None, rng: np.random.Generator, key: s
         return records
     if n > len(records):
         raise ConfigError(
-            f"{key}.{field}: requested {n} records but {path} has {len(records)} usable records with an image; "
+            f"{key}.{field}: requested {n} records but {path} has {len(records)} usable records; "
             f"request at most {len(records)}, or null for all"
         )
     picked = np.sort(rng.choice(len(records), size=n, replace=False))
@@ -91,8 +91,8 @@ def _place_image(source: Path, target: Path, mode: str) -> None:
 def build_benchmark_task(settings: BenchmarkDataConfig, out_dir: Path, seed: int, key: str) -> dict:
     """Read the selected benchmark task's records and write them as the pipeline's task folder `out_dir`.
 
-    Text-only records are left out with a logged count, because the feature stage
-    encodes one image per sample. `n_train`/`n_test` records are drawn with `seed`
+    Text-only records are kept (the feature stage encodes them from a blank image) or,
+    with ``text_only: drop``, left out with a logged count. `n_train`/`n_test` records are drawn with `seed`
     (every record when null). The folder is built in a hidden staging folder next to
     `out_dir`, read back with read_records, and then renamed, so a failed build leaves
     `out_dir` as it was. Raises ConfigError for missing paths or too few records, and
@@ -112,18 +112,18 @@ def build_benchmark_task(settings: BenchmarkDataConfig, out_dir: Path, seed: int
         records = read_benchmark_records(
             path, image_root, turns=settings.turns, check_images=True, skip_invalid=settings.skip_invalid
         )
-        with_image = [record for record in records if record.image is not None]
-        text_only = len(records) - len(with_image)
-        if text_only:
-            # NOTE: the feature stage needs an image per sample, so text-only questions
-            # (part of ScienceQA) are not part of the task's train or test split.
-            logger.warning("%s: left out %d text-only records of %d; every sample needs an image", path, text_only, len(records))
-        if not with_image:
-            raise ConfigError(f"{key}: {path} has no records with an image; check the file and the task key")
-        splits[split] = _draw(with_image, n, rng, key, f"n_{split}", path)
+        text_only = sum(record.image is None for record in records)
+        if text_only and settings.text_only == "drop":
+            logger.warning("%s: left out %d text-only records of %d (text_only: drop)", path, text_only, len(records))
+            records = [record for record in records if record.image is not None]
+        elif text_only:
+            logger.info("%s: %d of %d records are text-only; they are encoded from a blank image", path, text_only, len(records))
+        if not records:
+            raise ConfigError(f"{key}: {path} has no usable records; check the file, the task key and text_only")
+        splits[split] = _draw(records, n, rng, key, f"n_{split}", path)
         summary[f"{split}_file"] = str(path)
         summary[f"n_{split}"] = len(splits[split])
-        summary[f"{split}_text_only_left_out"] = text_only
+        summary[f"{split}_text_only"] = sum(record.image is None for record in splits[split])
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.building-"))
@@ -133,10 +133,10 @@ def build_benchmark_task(settings: BenchmarkDataConfig, out_dir: Path, seed: int
         placed: set[str] = set()
         for split, records in splits.items():
             for record in records:
-                if record.image not in placed:
+                if record.image is not None and record.image not in placed:
                     _place_image(image_root / record.image, staging / IMAGES_DIR / record.image, settings.images)
                     placed.add(record.image)
-            rebased = [replace(record, image=f"{IMAGES_DIR}/{record.image}") for record in records]
+            rebased = [record if record.image is None else replace(record, image=f"{IMAGES_DIR}/{record.image}") for record in records]
             write_records(staging / f"{split}.jsonl", rebased)
             read_records(staging / f"{split}.jsonl", image_root=staging, check_images=True)
         _replace_dir(staging, out_dir)

@@ -42,6 +42,9 @@ class BenchmarkDataConfig(BaseModel):
     skip_invalid: bool = False
     """false: any unusable record fails the data stage with a list of all of them.
     true: unusable records are logged with their file and index and left out."""
+    text_only: Literal["keep", "drop"] = "keep"
+    """Records without an image. ``keep``: they join the splits and are encoded from a
+    blank image (all-zero pixels). ``drop``: they are left out with a logged count."""
     images: Literal["symlink", "copy"] = "symlink"
     """Placement of the task's images in ``data/stream/<task>/images``: links or copies."""
 

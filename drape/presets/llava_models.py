@@ -185,12 +185,17 @@ class LlavaClipEncoder:
 
         return self.transform(pad_to_square(_to_rgb(image), self.mean))
 
-    def encode_images(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(patches, pooled)``: (B, num_patches, image_dim) and their mean, (B, image_dim)."""
+    def encode_images(self, images: list[Image.Image | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(patches, pooled)``: (B, num_patches, image_dim) and their mean, (B, image_dim).
+
+        ``None`` stands for a text-only sample and is encoded from all-zero pixels (``stack_pixels``).
+        """
         if not images:
             empty = torch.empty(0, self.info.num_patches, self.info.image_dim, device=self.device)
             return empty, empty[:, 0, :]
-        pixels = torch.stack([self.preprocess(image) for image in images]).to(self.device)
+        from drape.encoders import stack_pixels
+
+        pixels = stack_pixels(self.preprocess, images).to(self.device)
         with torch.no_grad():
             patches = select_patch_features(self.model.visual, pixels, self.select_layer)
         return patches, patches.mean(dim=1)
