@@ -12,7 +12,7 @@
 * one section per method, named like it (``drape``, ``l2p``, ``o_lora``, ...): its
   architecture and continual-learning settings. Only the selected method's section is
   read, and ``dvc.yaml`` tracks only that one.
-* ``evaluate``: decoding settings of the evaluation stages.
+* ``evaluate``: decoding and scoring settings of the evaluation stages.
 * ``tracking``: where MLflow records runs.
 
 Errors name the key path (``stream.digits.train.epochs``) and the allowed values.
@@ -28,6 +28,7 @@ from ruamel.yaml import YAML, YAMLError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from drape.benchmarks.config import BENCHMARK_KIND, BenchmarkDataConfig
+from drape.scorers.caption import CAPTION_METRICS
 from drape.methods import (
     METHODS,
     CodaPromptConfig,
@@ -133,6 +134,9 @@ class EvaluateConfig(_Section):
     forward_transfer: bool = True
     """Also evaluate the tasks not trained yet (the matrix above the diagonal). MFN, MFT,
     MAA, BWT and forgetting do not use those entries, so switching it off saves time."""
+    caption_metric: Literal[CAPTION_METRICS] = "CIDEr"  # type: ignore[valid-type]
+    """The corpus metric of a caption task's whole test split that its accuracy-matrix
+    entry shows, times 100 (CIDEr 0.57 gives 57.0). Every metric is in ``scores.json``."""
 
 
 class TrackingConfig(_Section):

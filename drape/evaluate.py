@@ -6,6 +6,11 @@ methods without task-specific parts do not route. Only oracle variants read the 
 task label. The frozen LLM then greedily decodes the answer and the task's scorer
 compares it with the reference. Tasks not trained yet are evaluated too (forward
 transfer).
+
+A task's accuracy-matrix value is the mean per-sample score in percent. A caption task
+instead gets one corpus metric of its whole test split (``evaluate.caption_metric``,
+CIDEr by default) times 100, because CIDEr and BLEU are defined over a test set, not
+per caption.
 """
 
 from __future__ import annotations
@@ -14,31 +19,80 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import gather_object
 
 from drape.distributed import processes
+from drape.data.records import Record
 from drape.features import FeatureSet
 from drape.methods.base import ContinualMethod
 from drape.mllm import FrozenLLM
 from drape.progress import progress
 from drape.routing import Prototypes
+from drape.scorers import CORPUS_SCORERS, get_scorer
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitScore:
+    """The scores of one test split's predictions."""
+
+    score: float
+    """The accuracy-matrix value: ``matrix_metric`` times 100 for a scorer with corpus
+    metrics, else the mean per-sample score in percent."""
+    values: list[float]
+    """The per-sample scorer value of every prediction, in [0, 1] (ROUGE-L for captions)."""
+    corpus_metrics: dict[str, float] | None = None
+    """Every corpus metric times 100 (CIDEr 0.57 gives 57.0); None for per-sample scorers."""
+    matrix_metric: str | None = None
+    """The corpus metric that ``score`` is; None for per-sample scorers."""
+
+
+def score_split(scorer: str, predictions: Sequence[str], records: Sequence[Record], caption_metric: str) -> SplitScore:
+    """Score a test split's predictions with the registered scorer ``scorer``.
+
+    Every prediction gets its per-sample score. For a scorer of ``CORPUS_SCORERS``
+    (``caption``) the corpus metrics are computed over the whole split as well, and
+    ``caption_metric`` picks the one that becomes the matrix value. Raises ValueError
+    when ``caption_metric`` is not one of the scorer's corpus metrics, and the scorers'
+    own errors for a record they cannot score.
+    """
+    per_sample = get_scorer(scorer)
+    values, total = [], 0.0
+    for prediction, record in zip(predictions, records, strict=True):
+        value = float(per_sample(prediction, record))
+        total += value
+        values.append(value)
+    if scorer not in CORPUS_SCORERS:
+        return SplitScore(score=100.0 * total / max(1, len(values)), values=values)
+
+    corpus = {name: 100.0 * value for name, value in CORPUS_SCORERS[scorer](predictions, records).items()}
+    if caption_metric not in corpus:
+        raise ValueError(
+            f"evaluate.caption_metric: invalid value {caption_metric!r} for scorer {scorer!r}. "
+            f"Set one of its corpus metrics: {', '.join(corpus)}"
+        )
+    return SplitScore(score=corpus[caption_metric], values=values, corpus_metrics=corpus, matrix_metric=caption_metric)
 
 
 @dataclass
 class TaskEvaluation:
     task: str
     score: float
-    """Mean scorer value in percent."""
+    """The accuracy-matrix value (see ``SplitScore.score``)."""
     predictions: list[dict] = field(default_factory=list)
     routed: Counter = field(default_factory=Counter)
     """How many samples were routed to each trained task (key ``None``: not routed)."""
     seconds: float = 0.0
     """Wall time of routing and decoding the split."""
+    corpus_metrics: dict[str, float] | None = None
+    """Every corpus metric times 100 of a caption task; None for other tasks."""
+    matrix_metric: str | None = None
+    """The corpus metric that ``score`` is; None for other tasks."""
 
 
 @torch.no_grad()
@@ -48,15 +102,19 @@ def evaluate_task(
     prototypes: Prototypes,
     task: str,
     features: FeatureSet,
-    scorer,
+    scorer: str,
     batch_size: int,
     max_new_tokens: int,
+    caption_metric: str,
 ) -> TaskEvaluation:
     """Score ``task``'s test split with the model after the current stage.
 
-    Under data parallelism every process routes the whole split, decodes every
-    ``num_processes``-th batch of it and gathers the other processes' predictions. The
-    batches, and so their padding and predictions, are those of a single process.
+    ``scorer`` is the task's registered scorer name, and ``caption_metric`` the corpus
+    metric that becomes a caption task's score. Under data parallelism every process
+    routes the whole split, decodes every ``num_processes``-th batch of it and gathers
+    the other processes' predictions. The batches, and so their padding and
+    predictions, are those of a single process, and every process then scores the
+    whole split the same way.
     """
     parallel = processes()
     state.to(parallel.device)
@@ -86,10 +144,10 @@ def evaluate_task(
             predictions[i] = text
     seconds = time.perf_counter() - started
 
-    rows, total = [], 0.0
-    for i, prediction in enumerate(predictions):
-        value = float(scorer(prediction, features.record(i)))
-        total += value
+    records = [features.record(i) for i in range(len(features))]
+    scored = score_split(scorer, predictions, records, caption_metric)
+    rows = []
+    for i, (prediction, value) in enumerate(zip(predictions, scored.values)):
         rows.append(
             {
                 "task": task,
@@ -101,6 +159,20 @@ def evaluate_task(
                 "score": value,
             }
         )
-    score = 100.0 * total / max(1, len(features))
-    logger.info("task %s: %.1f%% over %d samples in %.1f s", task, score, len(features), seconds)
-    return TaskEvaluation(task=task, score=score, predictions=rows, routed=Counter(routes), seconds=seconds)
+    if scored.matrix_metric is None:
+        logger.info("task %s: %.1f%% over %d samples in %.1f s", task, scored.score, len(features), seconds)
+    else:
+        logger.info(
+            "task %s: %s x 100 = %.1f over %d samples in %.1f s (corpus metrics x 100: %s)",
+            task, scored.matrix_metric, scored.score, len(features), seconds,
+            ", ".join(f"{name} {value:.1f}" for name, value in scored.corpus_metrics.items()),
+        )
+    return TaskEvaluation(
+        task=task,
+        score=scored.score,
+        predictions=rows,
+        routed=Counter(routes),
+        seconds=seconds,
+        corpus_metrics=scored.corpus_metrics,
+        matrix_metric=scored.matrix_metric,
+    )

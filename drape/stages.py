@@ -246,9 +246,15 @@ def stage_prototypes(ctx: StageContext, task: str) -> None:
 
 
 def stage_evaluate(ctx: StageContext, task: str) -> None:
-    """Evaluate the state after training ``task`` on every task's test split."""
+    """Evaluate the state after training ``task`` on every task's test split.
+
+    Writes ``results/eval/<task>/``: ``scores.json`` with the matrix row (``scores``) and
+    the timing, ``routing.json``, and ``predictions.jsonl`` with every sample's
+    per-sample ``score`` (ROUGE-L for a caption). When caption tasks were evaluated,
+    ``scores.json`` also maps each of them to every corpus metric times 100
+    (``corpus_metrics``) and to the one its ``scores`` value is (``matrix_metric``).
+    """
     from drape.evaluate import evaluate_task
-    from drape.scorers import get_scorer
 
     ctx.config.task(task)
     state = ctx.load_state(task)
@@ -256,32 +262,40 @@ def stage_evaluate(ctx: StageContext, task: str) -> None:
     settings = ctx.config.evaluate
 
     scores, predictions, routing, seconds = {}, [], {}, 0.0
+    corpus_metrics, matrix_metric = {}, {}
     names = ctx.config.task_names
     evaluated = names if settings.forward_transfer else names[: names.index(task) + 1]
     for name in evaluated:
         task_config = ctx.config.stream[name]
-        scorer = get_scorer(task_scorer(task_config.data))
         result = evaluate_task(
             state,
             ctx.llm,
             prototypes,
             name,
             ctx.features(name, "test"),
-            scorer,
+            task_scorer(task_config.data),
             batch_size=settings.batch_size,
             max_new_tokens=settings.max_new_tokens,
+            caption_metric=settings.caption_metric,
         )
         scores[name] = result.score
         predictions.extend(result.predictions)
         routing[name] = {str(key): count for key, count in result.routed.items()}
         seconds += result.seconds
+        if result.corpus_metrics is not None:
+            corpus_metrics[name] = result.corpus_metrics
+            matrix_metric[name] = result.matrix_metric
 
     timing = {"samples": len(predictions), "seconds": round(seconds, 3), "batch_size": settings.batch_size}
+    summary = {"trained": task, "scores": scores, "timing": timing}
+    if corpus_metrics:
+        # Only caption tasks add these keys, so other tasks' scores.json is unchanged.
+        summary.update(corpus_metrics=corpus_metrics, matrix_metric=matrix_metric)
     routing_summary = {"method": ctx.config.method, "routing": state.routing, "trained_tasks": state.tasks, "routed": routing}
 
     def write() -> None:
         staging = _staging_dir(ctx.paths.eval / task)
-        (staging / "scores.json").write_text(json.dumps({"trained": task, "scores": scores, "timing": timing}, indent=2))
+        (staging / "scores.json").write_text(json.dumps(summary, indent=2))
         (staging / "routing.json").write_text(json.dumps(routing_summary, indent=2))
         with (staging / "predictions.jsonl").open("w") as handle:
             for row in predictions:
@@ -300,7 +314,6 @@ def train_alone(ctx: StageContext, task: str) -> dict:
     """
     from drape.evaluate import evaluate_task
     from drape.routing import Prototypes
-    from drape.scorers import get_scorer
     from drape.train import train_task
 
     settings = ctx.config.task(task)
@@ -314,9 +327,10 @@ def train_alone(ctx: StageContext, task: str) -> dict:
         prototypes,
         task,
         ctx.features(task, "test"),
-        get_scorer(task_scorer(settings.data)),
+        task_scorer(settings.data),
         batch_size=ctx.config.evaluate.batch_size,
         max_new_tokens=ctx.config.evaluate.max_new_tokens,
+        caption_metric=ctx.config.evaluate.caption_metric,
     )
     return {"task": task, "score": result.score, "final_loss": log.losses[-1], "train_seconds": round(log.seconds, 1)}
 

@@ -4,7 +4,8 @@ The parent run carries the method, the stream, the seed, the git revision, the l
 (``dvc`` or ``prefect``), all parameters, the metrics and the report files (matrix, heatmap,
 routing confusion). Each child run carries its task's settings, its loss curve (one point
 per optimizer step), throughput, null-space ranks, trainable parameters and its row of the
-accuracy matrix.
+accuracy matrix. When caption tasks were evaluated, the child run also carries every corpus
+metric of each, times 100, as ``caption.<metric>.<evaluated task>`` (``caption.CIDEr.flickr30k``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,18 @@ def git_revision(root: Path) -> str:
     return revision + ("-dirty" if dirty else "")
 
 
+def caption_metrics_for_mlflow(evaluation: dict) -> dict[str, float]:
+    """Return the corpus metrics of one ``scores.json`` under their MLflow names, ``caption.<metric>.<evaluated task>``.
+
+    Only caption tasks have corpus metrics, so an evaluation without them gives an empty dict.
+    """
+    return {
+        f"caption.{metric}.{evaluated}": float(value)
+        for evaluated, metrics in evaluation.get("corpus_metrics", {}).items()
+        for metric, value in metrics.items()
+    }
+
+
 def log_pipeline_run(ctx, matrix, metrics: dict[str, float], confusion: np.ndarray, launcher: str) -> str:
     """Log one pipeline execution to MLflow and return the parent run's id."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -81,6 +94,7 @@ def log_pipeline_run(ctx, matrix, metrics: dict[str, float], confusion: np.ndarr
         for t, task in enumerate(stream):
             train_log = json.loads((ctx.paths.train / task / "train_log.json").read_text())
             prototype_stats = json.loads((ctx.paths.prototypes / task / "prototypes.json").read_text())["statistics"].get(task, {})
+            evaluation = json.loads((ctx.paths.eval / task / "scores.json").read_text())
             with mlflow.start_run(run_name=f"{t + 1:02d}-{task}", nested=True, tags={"task": task, "position": str(t + 1), **tags}):
                 mlflow.log_params(_flatten(f"stream.{task}", config.stream[task].model_dump(mode="json"), {}))
                 # Logs written before the process count was recorded come from one process.
@@ -100,6 +114,7 @@ def log_pipeline_run(ctx, matrix, metrics: dict[str, float], confusion: np.ndarr
                             for j, column in enumerate(matrix.tasks)
                             if np.isfinite(matrix.values[t, j])
                         },
+                        **caption_metrics_for_mlflow(evaluation),
                     }
                 )
                 mlflow.log_artifact(str(ctx.paths.train / task / "train_log.json"))

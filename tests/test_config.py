@@ -62,6 +62,7 @@ def test_optional_sections_default():
     assert config.drape.hidden == 256
     assert config.drape.heads == 4
     assert config.evaluate.batch_size == 16
+    assert config.evaluate.caption_metric == "CIDEr"
 
 
 def test_task_lookup():
@@ -149,6 +150,20 @@ def test_preset_lists_allowed(tmp_path):
     assert "  models.preset: got 'huge'; allowed values:" in message
     assert "'embedded'" in message
     assert "'tiny'" in message
+
+
+def test_caption_metric_lists_allowed(tmp_path):
+    message = load_error(tmp_path, small_params(evaluate={"caption_metric": "cider"}))
+
+    allowed = "'BLEU-1', 'BLEU-2', 'BLEU-3', 'BLEU-4', 'METEOR', 'ROUGE-L' or 'CIDEr'"
+    assert f"  evaluate.caption_metric: got 'cider'; allowed values: {allowed}" in message
+
+
+def test_caption_metric_accepts_each_name():
+    from drape.scorers import CAPTION_METRICS
+
+    for name in CAPTION_METRICS:
+        assert parse_config(small_params(evaluate={"caption_metric": name})).evaluate.caption_metric == name
 
 
 def test_negative_n_train(tmp_path):

@@ -60,6 +60,15 @@ def test_predictions_are_decoded_text(embedded_run):
     assert {row["routed_task"] for row in rows} <= set(KINDS)
 
 
+def test_scores_have_no_corpus_fields(embedded_run):
+    # No task of this stream is a caption task, so scores.json keeps its three keys.
+    for stage in KINDS:
+        text = (embedded_run / "results/eval" / stage / "scores.json").read_text()
+        scores = json.loads(text)
+        assert list(scores) == ["trained", "scores", "timing"]
+        assert text == json.dumps({"trained": stage, "scores": scores["scores"], "timing": scores["timing"]}, indent=2)
+
+
 def test_checkpoints_are_safetensors(embedded_run):
     files = {path.name for path in (embedded_run / "results/train/shape").iterdir()}
     assert {"projector.safetensors", "parameters.safetensors", "nullspace.safetensors", "state.json"} <= files

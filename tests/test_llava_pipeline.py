@@ -2,8 +2,8 @@
 
 ``llava-7b-scaled`` has the classes of ``llava-7b`` (open_clip ViT-L-14-336 and its text
 tower, a Llama LLM with the Vicuna v1 template, LLaVA's projector file) at small widths
-with random weights. Its scores are near zero, so the checks are on shapes, coverage and
-the import of the projector.
+with random weights. Its scores are near zero, so the checks are on shapes, coverage,
+the import of the projector and how scores are computed from the saved predictions.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ from safetensors.torch import load_file
 
 from conftest import make_pipeline_repo, small_params
 from drape.cli import main
+from drape.data.records import read_records
 from drape.encoders import load_llm
 from drape.metrics import read_matrix_csv
 from drape.mllm import FrozenLLM
 from drape.presets.conversation import VICUNA_V1_SYSTEM
 from drape.presets.llava_weights import CLIP_WEIGHTS_ENV, LLM_DIR_ENV, MM_PROJECTOR_KEYS, PROJECTOR_ENV
+from drape.scorers import CAPTION_METRICS, caption_metrics, caption_rouge_l
 from test_benchmarks import conversation, question, save_png, write_json
 
 # Stream task name -> (benchmark, task key).
@@ -33,7 +35,9 @@ TASKS = {
     "textvqa": ("coin", "textvqa"),
     "grounding": ("coin", "grounding"),
     "imagenet-r": ("ucit", "imagenet-r"),
+    "flickr30k": ("ucit", "flickr30k"),
 }
+CAPTION_TASK = "flickr30k"
 
 
 def write_coin(root: Path) -> None:
@@ -79,10 +83,11 @@ def write_coin(root: Path) -> None:
 
 
 def write_ucit(root: Path) -> None:
-    """ImageNet-R in UCIT's file layout: conversations for training, questions for testing."""
+    """ImageNet-R and Flickr30k in UCIT's file layout: conversations for training, questions for testing."""
     images = root / "datasets" / "ImageNet-R"
     for index in range(4):
         save_png(images / "goldfish" / f"{index}.jpg", (250, 120, 20 * index))
+        save_png(root / "datasets" / "Flickr30k" / f"{1000 + index}.jpg", (30 * index, 160, 60))
     prompt = "What is the object in the image?\nAnswer the question using a single word or phrase."
     write_json(root / "instructions" / "ImageNet-R" / "train.json", [
         conversation("r-0", "ImageNet-R/goldfish/0.jpg", f"<image>\n{prompt}", "goldfish"),
@@ -91,6 +96,21 @@ def write_ucit(root: Path) -> None:
     write_json(root / "instructions" / "ImageNet-R" / "test_3000.json", [
         question("r-t0", "ImageNet-R/goldfish/2.jpg", prompt, answer="goldfish"),
         question("r-t1", "ImageNet-R/goldfish/3.jpg", prompt, answer="goldfish"),
+    ])
+
+    brief = "Provide a one-sentence caption for the provided image."
+    write_json(root / "instructions" / "Flickr30k" / "train_brief_4w.json", [
+        conversation("f-0", "Flickr30k/1000.jpg", f"<image>\n{brief}", "A dog runs across a green field."),
+        conversation("f-1", "Flickr30k/1001.jpg", f"{brief}\n<image>", "Two men play guitar on a stage."),
+    ])
+    # Several reference captions per test image, as Flickr30k has five.
+    write_json(root / "instructions" / "Flickr30k" / "test_3000.json", [
+        question("f-t0", "Flickr30k/1002.jpg", brief, answers=[
+            "A child in a red coat walks in the snow.", "A kid walks through snow.", "A small child is outside in winter.",
+        ]),
+        question("f-t1", "Flickr30k/1003.jpg", brief, answers=[
+            "A woman rides a bicycle down a city street.", "A cyclist on a busy road.",
+        ]),
     ])
 
 
@@ -146,7 +166,83 @@ def test_matrix_covers_every_task(llava_run):
     assert matrix.tasks == list(TASKS)
     assert matrix.trained == list(TASKS)
     assert np.isfinite(matrix.values).all()
-    assert ((matrix.values >= 0) & (matrix.values <= 100)).all()
+    assert (matrix.values >= 0).all()
+    # CIDEr x 100, the caption task's entry, can exceed 100; the other entries are percentages.
+    caption_column = matrix.tasks.index(CAPTION_TASK)
+    assert (np.delete(matrix.values, caption_column, axis=1) <= 100).all()
+
+
+def saved_predictions(repo: Path, stage: str, task: str) -> list[dict]:
+    lines = (repo / "results/eval" / stage / "predictions.jsonl").read_text().splitlines()
+    return [row for row in map(json.loads, lines) if row["task"] == task]
+
+
+def test_caption_entry_is_corpus_cider(llava_run):
+    # The random model's captions share no word with the references, so every metric is
+    # about 0 here. The score_split tests in test_scorers.py check that each setting of
+    # evaluate.caption_metric puts its own value in the matrix.
+    records = {record.id: record for record in read_records(llava_run / "data/stream" / CAPTION_TASK / "test.jsonl", check_images=False)}
+    assert all(len(record.answers) >= 2 for record in records.values())
+    matrix = read_matrix_csv(llava_run / "results/report/matrix.csv")
+    column = matrix.tasks.index(CAPTION_TASK)
+
+    for row, stage in enumerate(TASKS):
+        rows = saved_predictions(llava_run, stage, CAPTION_TASK)
+        predictions = [item["prediction"] for item in rows]
+        references = [records[item["id"]] for item in rows]
+        expected = {name: 100.0 * value for name, value in caption_metrics(predictions, references).items()}
+        scores = json.loads((llava_run / "results/eval" / stage / "scores.json").read_text())
+
+        assert len(rows) == len(records)
+        assert scores["matrix_metric"] == {CAPTION_TASK: "CIDEr"}
+        assert scores["corpus_metrics"][CAPTION_TASK] == pytest.approx(expected)
+        assert list(scores["corpus_metrics"][CAPTION_TASK]) == list(CAPTION_METRICS)
+        assert scores["scores"][CAPTION_TASK] == pytest.approx(expected["CIDEr"])
+        # matrix.csv keeps four decimals.
+        assert matrix.values[row, column] == pytest.approx(expected["CIDEr"], abs=1e-4)
+
+
+def test_caption_sample_score_is_rouge_l(llava_run):
+    records = {record.id: record for record in read_records(llava_run / "data/stream" / CAPTION_TASK / "test.jsonl", check_images=False)}
+    for item in saved_predictions(llava_run, CAPTION_TASK, CAPTION_TASK):
+        assert item["score"] == pytest.approx(caption_rouge_l(item["prediction"], records[item["id"]]))
+
+
+def test_non_caption_outputs_lack_corpus_fields(llava_run):
+    for stage in TASKS:
+        scores = json.loads((llava_run / "results/eval" / stage / "scores.json").read_text())
+        assert list(scores) == ["trained", "scores", "timing", "corpus_metrics", "matrix_metric"]
+        assert list(scores["corpus_metrics"]) == [CAPTION_TASK]
+        assert list(scores["matrix_metric"]) == [CAPTION_TASK]
+        for task in TASKS:
+            for item in saved_predictions(llava_run, stage, task):
+                assert list(item) == ["task", "id", "instruction", "prediction", "answer", "routed_task", "score"]
+
+
+def test_caption_metrics_mlflow_names(llava_run):
+    from drape.tracking import caption_metrics_for_mlflow
+
+    scores = json.loads((llava_run / "results/eval" / CAPTION_TASK / "scores.json").read_text())
+    names = caption_metrics_for_mlflow(scores)
+    assert sorted(names) == sorted(f"caption.{metric}.{CAPTION_TASK}" for metric in CAPTION_METRICS)
+    assert names[f"caption.CIDEr.{CAPTION_TASK}"] == scores["corpus_metrics"][CAPTION_TASK]["CIDEr"]
+    assert caption_metrics_for_mlflow({"trained": "scienceqa", "scores": {"scienceqa": 50.0}, "timing": {}}) == {}
+
+
+def test_report_logs_caption_metrics_to_mlflow(llava_run):
+    from mlflow.tracking import MlflowClient
+
+    # Runs the report stage again, now with MLflow; it rewrites the same report files.
+    assert run_in(llava_run, ["stage", "report"]) == [0]
+    client = MlflowClient(tracking_uri=f"sqlite:///{llava_run / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("drape-mini-stream")
+    children = [run for run in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in run.data.tags]
+    assert sorted(run.data.tags["task"] for run in children) == sorted(TASKS)
+    for run in children:
+        scores = json.loads((llava_run / "results/eval" / run.data.tags["task"] / "scores.json").read_text())
+        for metric, value in scores["corpus_metrics"][CAPTION_TASK].items():
+            assert run.data.metrics[f"caption.{metric}.{CAPTION_TASK}"] == pytest.approx(value)
+        assert not any(name.startswith("caption.") and not name.endswith(f".{CAPTION_TASK}") for name in run.data.metrics)
 
 
 def test_metrics_are_finite(llava_run):

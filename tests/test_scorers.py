@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from drape.data.records import Record
+from drape.evaluate import score_split
 from drape.scorers import (
     CAPTION_METRICS,
     SCORERS,
@@ -496,3 +497,49 @@ def test_score_corpus_rejects_bad_inputs():
         score_corpus("exact_match", [], [])
     with pytest.raises(UnknownScorerError):
         score_corpus("bleu", ["a"], [make_record("a")])
+
+
+def test_score_split_matrix_value_follows_caption_metric():
+    predictions = ["a brown dog runs on the grass", "a man rides a red bike", "two birds sit on a wire"]
+    records = [
+        caption_record(0, "a dog runs on the grass", "a brown dog is running"),
+        caption_record(1, "a man rides a bike down the street", "a cyclist on a red bike"),
+        caption_record(2, "two small birds on a power line", "birds sit on a wire"),
+    ]
+    expected = {name: 100.0 * value for name, value in caption_metrics(predictions, records).items()}
+
+    matrix_values = {}
+    for metric in CAPTION_METRICS:
+        scored = score_split("caption", predictions, records, metric)
+        assert scored.matrix_metric == metric
+        assert scored.score == pytest.approx(expected[metric])
+        assert scored.corpus_metrics == pytest.approx(expected)
+        matrix_values[metric] = scored.score
+    # Each setting puts a different value in the matrix, CIDEr on its x 100 scale above 100.
+    assert len({round(value, 6) for value in matrix_values.values()}) == len(CAPTION_METRICS)
+    assert matrix_values["CIDEr"] > 100.0
+
+
+def test_score_split_caption_samples_score_rouge_l():
+    predictions = ["the cat sat", "a dog"]
+    records = [caption_record(0, "the cat sat on the mat"), caption_record(1, "a dog runs")]
+
+    scored = score_split("caption", predictions, records, "CIDEr")
+
+    assert scored.values == pytest.approx([caption_rouge_l(p, r) for p, r in zip(predictions, records)])
+
+
+def test_score_split_per_sample_scorer_is_mean():
+    records = [make_record("blue"), make_record("red"), make_record("green")]
+
+    scored = score_split("exact_match", ["Blue.", "red", "yellow"], records, "CIDEr")
+
+    assert scored.score == pytest.approx(200 / 3)
+    assert scored.values == [1.0, 1.0, 0.0]
+    assert scored.corpus_metrics is None
+    assert scored.matrix_metric is None
+
+
+def test_score_split_rejects_unknown_caption_metric():
+    with pytest.raises(ValueError, match=r"evaluate.caption_metric: invalid value 'CIDEr-D' for scorer 'caption'. Set one of its corpus metrics: BLEU-1, "):
+        score_split("caption", ["a b"], [caption_record(0, "a b")], "CIDEr-D")
