@@ -148,17 +148,19 @@ def evaluate_task(
     scored = score_split(scorer, predictions, records, caption_metric)
     rows = []
     for i, (prediction, value) in enumerate(zip(predictions, scored.values)):
-        rows.append(
-            {
-                "task": task,
-                "id": features.ids[i],
-                "instruction": features.instructions[i],
-                "prediction": prediction,
-                "answer": features.answers[i],
-                "routed_task": routes[i],
-                "score": value,
-            }
-        )
+        row = {
+            "task": task,
+            "id": features.ids[i],
+            "instruction": features.instructions[i],
+            "prediction": prediction,
+            "answer": features.answers[i],
+        }
+        # The annotators' answers or reference captions, so `drape score` on this file
+        # scores VQA accuracy and caption metrics as this stage does.
+        if records[i].answers:
+            row["answers"] = list(records[i].answers)
+        row.update(routed_task=routes[i], score=value)
+        rows.append(row)
     if scored.matrix_metric is None:
         logger.info("task %s: %.1f%% over %d samples in %.1f s", task, scored.score, len(features), seconds)
     else:

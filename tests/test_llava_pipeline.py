@@ -216,7 +216,38 @@ def test_non_caption_outputs_lack_corpus_fields(llava_run):
         assert list(scores["matrix_metric"]) == [CAPTION_TASK]
         for task in TASKS:
             for item in saved_predictions(llava_run, stage, task):
-                assert list(item) == ["task", "id", "instruction", "prediction", "answer", "routed_task", "score"]
+                keys = ["task", "id", "instruction", "prediction", "answer", "routed_task", "score"]
+                if "answers" in item:
+                    keys.insert(5, "answers")
+                assert list(item) == keys
+
+
+@pytest.mark.parametrize(("task", "scorer"), [("textvqa", "vqa_accuracy"), (CAPTION_TASK, "caption")])
+def test_saved_predictions_rescore_as_stage(llava_run, task, scorer, tmp_path):
+    """``drape score`` on predictions.jsonl sees every reference, as the evaluate stage did."""
+    from drape.scorers import get_scorer, score_corpus
+    from drape.scorers.rescore import rescore_file
+
+    records = {record.id: record for record in read_records(llava_run / "data/stream" / task / "test.jsonl", check_images=False)}
+    rows = saved_predictions(llava_run, task, task)
+    for row in rows:
+        assert row["answers"] == list(records[row["id"]].answers)
+    # Predict a second annotator's answer or reference caption, which a file with one
+    # reference per sample would score lower.
+    edited = [{**row, "prediction": row["answers"][1]} for row in rows]
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in edited))
+
+    result = rescore_file(scorer, path)
+    assert result.problems == []
+    predictions = [row["prediction"] for row in edited]
+    references = [records[row["id"]] for row in edited]
+    if scorer == "caption":
+        assert result.metrics == pytest.approx(score_corpus(scorer, predictions, references))
+    else:
+        expected = [get_scorer(scorer)(prediction, record) for prediction, record in zip(predictions, references)]
+        assert result.metrics[scorer] == pytest.approx(sum(expected) / len(expected))
+        assert result.metrics[scorer] > 0
 
 
 def test_caption_metrics_mlflow_names(llava_run):
