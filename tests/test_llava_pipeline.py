@@ -29,19 +29,30 @@ from drape.presets.llava_weights import CLIP_WEIGHTS_ENV, LLM_DIR_ENV, MM_PROJEC
 from drape.scorers import CAPTION_METRICS, caption_metrics, caption_rouge_l
 from test_benchmarks import conversation, question, save_png, write_json
 
-# Stream task name -> (benchmark, task key).
+# Stream task name -> (benchmark, task key): every CoIN task, then every UCIT task, in
+# their published orders.
 TASKS = {
     "scienceqa": ("coin", "scienceqa"),
     "textvqa": ("coin", "textvqa"),
+    "imagenet": ("coin", "imagenet"),
+    "gqa": ("coin", "gqa"),
+    "vizwiz": ("coin", "vizwiz"),
     "grounding": ("coin", "grounding"),
+    "vqav2": ("coin", "vqav2"),
+    "ocrvqa": ("coin", "ocrvqa"),
     "imagenet-r": ("ucit", "imagenet-r"),
+    "arxivqa": ("ucit", "arxivqa"),
+    "vizwiz-caption": ("ucit", "vizwiz-caption"),
+    "iconqa": ("ucit", "iconqa"),
+    "clevr-math": ("ucit", "clevr-math"),
     "flickr30k": ("ucit", "flickr30k"),
 }
 CAPTION_TASK = "flickr30k"
+CAPTION_TASKS = ["vizwiz-caption", "flickr30k"]
 
 
 def write_coin(root: Path) -> None:
-    """ScienceQA (choices), TextVQA (answer lists) and Grounding (boxes) in CoIN's file layout."""
+    """A few records of every CoIN task in CoIN's file layout, with images under ``cl_dataset``."""
     images = root / "cl_dataset"
     for index in range(4):
         save_png(images / "ScienceQA" / "train" / f"{index}" / "image.png", (10, 40 * index, 90))
@@ -81,9 +92,64 @@ def write_coin(root: Path) -> None:
         question(8, "COCO2014/train2014/3.png", refer, answer_bbox="[0.2, 0.2, 0.4, 0.4]", size=[640, 480]),
     ])
 
+    short = "Answer the question using a single word or phrase."
+    for index in range(4):
+        save_png(images / "ImageNet" / "train" / "n01440764" / f"{index}.JPEG", (90, 60 + 30 * index, 40))
+        save_png(images / "GQA" / "images" / f"n{index}.jpg", (20, 90, 30 * index))
+        save_png(images / "VizWiz" / "train" / f"VizWiz_train_{index:08d}.jpg", (120, 30 * index, 120))
+        save_png(images / "OCR-VQA" / "images" / f"{index}.jpg", (30 * index, 200, 200))
+    imagenet = f"What is the object in the image?\n{short}"
+    write_json(instructions / "ImageNet" / "train.json", [
+        conversation("in-0", "ImageNet/train/n01440764/0.JPEG", f"<image>\n{imagenet}", "tench"),
+        conversation("in-1", "ImageNet/train/n01440764/1.JPEG", f"<image>\n{imagenet}", "tench"),
+    ])
+    write_json(instructions / "ImageNet" / "test.json", [
+        question("in-t0", "ImageNet/train/n01440764/2.JPEG", imagenet, answer="tench"),
+        question("in-t1", "ImageNet/train/n01440764/3.JPEG", imagenet, answer="goldfish"),
+    ])
+    write_json(instructions / "GQA" / "train.json", [
+        conversation("gqa-0", "GQA/images/n0.jpg", f"<image>\nIs the sky blue?\n{short}", "yes"),
+        conversation("gqa-1", "GQA/images/n1.jpg", f"<image>\nWhat is on the table?\n{short}", "laptop"),
+    ])
+    write_json(instructions / "GQA" / "test.json", [
+        question("gqa-t0", "GQA/images/n2.jpg", f"Is the sky blue?\n{short}", answer="no"),
+        question("gqa-t1", "GQA/images/n3.jpg", f"Which side is the cup on?\n{short}", answer="left"),
+    ])
+    vizwiz = f"What is this?\nWhen the provided information is insufficient, respond with 'Unanswerable'.\n{short}"
+    write_json(instructions / "VizWiz" / "train.json", [
+        conversation("vw-0", "VizWiz/train/VizWiz_train_00000000.jpg", f"<image>\n{vizwiz}", "unanswerable"),
+        conversation("vw-1", "VizWiz/train/VizWiz_train_00000001.jpg", f"<image>\n{vizwiz}", "soup"),
+    ])
+    # VizWiz's annotations are objects with the answer and the annotator's confidence.
+    write_json(instructions / "VizWiz" / "test.json", [
+        question("vw-t0", "VizWiz/train/VizWiz_train_00000002.jpg", vizwiz, answers=[
+            {"answer": "unanswerable", "answer_confidence": "yes"}, {"answer": "unanswerable", "answer_confidence": "maybe"},
+            {"answer": "unsuitable image", "answer_confidence": "yes"},
+        ]),
+        question("vw-t1", "VizWiz/train/VizWiz_train_00000003.jpg", vizwiz, answers=["corn", "corn", "canned corn"]),
+    ])
+    write_json(instructions / "VQAv2" / "train.json", [
+        conversation("vqa-0", "COCO2014/train2014/0.png", f"<image>\nWhat color is the bus?\n{short}", "red"),
+        conversation("vqa-1", "COCO2014/train2014/1.png", f"<image>\nHow many people are there?\n{short}", "2"),
+    ])
+    write_json(instructions / "VQAv2" / "test.json", [
+        question("vqa-t0", "COCO2014/train2014/2.png", f"How many people are there?\n{short}", answers=["two", "2", "2", "3"]),
+        question("vqa-t1", "COCO2014/train2014/3.png", f"What color is the bus?\n{short}", answers=["red"] * 9 + ["orange"]),
+    ])
+    # OCR-VQA's training records are multi-turn: several questions about one book cover.
+    write_json(instructions / "OCRVQA" / "train.json", [
+        conversation("ocr-0", "OCR-VQA/images/0.jpg", f"<image>\nWho wrote this book?\n{short}", "Jane Austen",
+                     "What is the title of this book?", "Emma", "Is this a romance book?", "Yes"),
+        conversation("ocr-1", "OCR-VQA/images/1.jpg", f"<image>\nWhat type of book is this?\n{short}", "Cookbooks, Food & Wine"),
+    ])
+    write_json(instructions / "OCRVQA" / "test.json", [
+        question("ocr-t0", "OCR-VQA/images/2.jpg", f"What is the title of this book?\n{short}", answer="Dune"),
+        question("ocr-t1", "OCR-VQA/images/3.jpg", f"Is this a comedy book?\n{short}", answer="No"),
+    ])
+
 
 def write_ucit(root: Path) -> None:
-    """ImageNet-R and Flickr30k in UCIT's file layout: conversations for training, questions for testing."""
+    """A few records of every UCIT task in UCIT's file layout: conversations for training, questions for testing."""
     images = root / "datasets" / "ImageNet-R"
     for index in range(4):
         save_png(images / "goldfish" / f"{index}.jpg", (250, 120, 20 * index))
@@ -111,6 +177,54 @@ def write_ucit(root: Path) -> None:
         question("f-t1", "Flickr30k/1003.jpg", brief, answers=[
             "A woman rides a bicycle down a city street.", "A cyclist on a busy road.",
         ]),
+    ])
+
+    short = "Answer the question using a single word or phrase."
+    choice = "Answer with the option's letter from the given choices directly."
+    datasets = root / "datasets"
+    for index in range(4):
+        save_png(datasets / "ArxivQA" / "images" / f"{index}.jpg", (240, 240, 30 * index))
+        save_png(datasets / "VizWiz" / "train" / f"VizWiz_train_{index:08d}.jpg", (60, 30 * index, 60))
+        save_png(datasets / "IconQA" / "train" / f"{index}" / "image.png", (30 * index, 30, 160))
+        save_png(datasets / "CLEVR" / "images" / f"CLEVR_train_{index:06d}.png", (128, 128, 30 * index))
+    plot = f"Which trend does the plot show?\nA. rising\nB. falling\nC. flat\nD. periodic\n{choice}"
+    write_json(root / "instructions" / "ArxivQA" / "train_4w.json", [
+        conversation("ax-0", "ArxivQA/images/0.jpg", f"<image>\n{plot}", "A"),
+        conversation("ax-1", "ArxivQA/images/1.jpg", f"<image>\n{plot}", "C"),
+    ])
+    write_json(root / "instructions" / "ArxivQA" / "test_3000.json", [
+        question("ax-t0", "ArxivQA/images/2.jpg", plot, answer="B"),
+        question("ax-t1", "ArxivQA/images/3.jpg", plot, answer="D"),
+    ])
+    write_json(root / "instructions" / "VizWiz" / "train.json", [
+        conversation("vc-0", "VizWiz/train/VizWiz_train_00000000.jpg", f"<image>\n{brief}", "A can of soup on a kitchen counter."),
+        conversation("vc-1", "VizWiz/train/VizWiz_train_00000001.jpg", f"<image>\n{brief}", "A blurry photo of a white ceiling."),
+    ])
+    write_json(root / "instructions" / "VizWiz" / "test_3000.json", [
+        question("vc-t0", "VizWiz/train/VizWiz_train_00000002.jpg", brief, answers=[
+            "A bottle of shampoo held in a hand.", "A hand holds a plastic bottle.", "Shampoo bottle.",
+        ]),
+        question("vc-t1", "VizWiz/train/VizWiz_train_00000003.jpg", brief, answers=[
+            "A computer screen showing an error message.", "A monitor with text on it.",
+        ]),
+    ])
+    shapes = f"Which shape comes next?\nA. circle\nB. square\nC. triangle\n{choice}"
+    write_json(root / "instructions" / "IconQA" / "train.json", [
+        conversation("iq-0", "IconQA/train/0/image.png", f"<image>\n{shapes}", "B"),
+        conversation("iq-1", "IconQA/train/1/image.png", f"<image>\n{shapes}", "A"),
+    ])
+    write_json(root / "instructions" / "IconQA" / "test_3000.json", [
+        question("iq-t0", "IconQA/train/2/image.png", shapes, answer="C"),
+        question("iq-t1", "IconQA/train/3/image.png", shapes, answer="A"),
+    ])
+    math = f"Subtract all red cubes. How many objects are left?\n{short}"
+    write_json(root / "instructions" / "CLEVR" / "train_4w.json", [
+        conversation("cm-0", "CLEVR/images/CLEVR_train_000000.png", f"<image>\n{math}", "3"),
+        conversation("cm-1", "CLEVR/images/CLEVR_train_000001.png", f"<image>\n{math}", "5"),
+    ])
+    write_json(root / "instructions" / "CLEVR" / "test_3000.json", [
+        question("cm-t0", "CLEVR/images/CLEVR_train_000002.png", math, answer="4"),
+        question("cm-t1", "CLEVR/images/CLEVR_train_000003.png", math, answer="0"),
     ])
 
 
@@ -177,27 +291,28 @@ def saved_predictions(repo: Path, stage: str, task: str) -> list[dict]:
     return [row for row in map(json.loads, lines) if row["task"] == task]
 
 
-def test_caption_entry_is_corpus_cider(llava_run):
+@pytest.mark.parametrize("caption_task", CAPTION_TASKS)
+def test_caption_entry_is_corpus_cider(llava_run, caption_task):
     # The random model's captions share no word with the references, so every metric is
     # about 0 here. The score_split tests in test_scorers.py check that each setting of
     # evaluate.caption_metric puts its own value in the matrix.
-    records = {record.id: record for record in read_records(llava_run / "data/stream" / CAPTION_TASK / "test.jsonl", check_images=False)}
+    records = {record.id: record for record in read_records(llava_run / "data/stream" / caption_task / "test.jsonl", check_images=False)}
     assert all(len(record.answers) >= 2 for record in records.values())
     matrix = read_matrix_csv(llava_run / "results/report/matrix.csv")
-    column = matrix.tasks.index(CAPTION_TASK)
+    column = matrix.tasks.index(caption_task)
 
     for row, stage in enumerate(TASKS):
-        rows = saved_predictions(llava_run, stage, CAPTION_TASK)
+        rows = saved_predictions(llava_run, stage, caption_task)
         predictions = [item["prediction"] for item in rows]
         references = [records[item["id"]] for item in rows]
         expected = {name: 100.0 * value for name, value in caption_metrics(predictions, references).items()}
         scores = json.loads((llava_run / "results/eval" / stage / "scores.json").read_text())
 
         assert len(rows) == len(records)
-        assert scores["matrix_metric"] == {CAPTION_TASK: "CIDEr"}
-        assert scores["corpus_metrics"][CAPTION_TASK] == pytest.approx(expected)
-        assert list(scores["corpus_metrics"][CAPTION_TASK]) == list(CAPTION_METRICS)
-        assert scores["scores"][CAPTION_TASK] == pytest.approx(expected["CIDEr"])
+        assert scores["matrix_metric"] == dict.fromkeys(CAPTION_TASKS, "CIDEr")
+        assert scores["corpus_metrics"][caption_task] == pytest.approx(expected)
+        assert list(scores["corpus_metrics"][caption_task]) == list(CAPTION_METRICS)
+        assert scores["scores"][caption_task] == pytest.approx(expected["CIDEr"])
         # matrix.csv keeps four decimals.
         assert matrix.values[row, column] == pytest.approx(expected["CIDEr"], abs=1e-4)
 
@@ -212,8 +327,8 @@ def test_non_caption_outputs_lack_corpus_fields(llava_run):
     for stage in TASKS:
         scores = json.loads((llava_run / "results/eval" / stage / "scores.json").read_text())
         assert list(scores) == ["trained", "scores", "timing", "corpus_metrics", "matrix_metric"]
-        assert list(scores["corpus_metrics"]) == [CAPTION_TASK]
-        assert list(scores["matrix_metric"]) == [CAPTION_TASK]
+        assert list(scores["corpus_metrics"]) == CAPTION_TASKS
+        assert list(scores["matrix_metric"]) == CAPTION_TASKS
         for task in TASKS:
             for item in saved_predictions(llava_run, stage, task):
                 keys = ["task", "id", "instruction", "prediction", "answer", "routed_task", "score"]
@@ -222,7 +337,7 @@ def test_non_caption_outputs_lack_corpus_fields(llava_run):
                 assert list(item) == keys
 
 
-@pytest.mark.parametrize(("task", "scorer"), [("textvqa", "vqa_accuracy"), (CAPTION_TASK, "caption")])
+@pytest.mark.parametrize(("task", "scorer"), [("textvqa", "vqa_accuracy"), ("vizwiz", "vqa_accuracy"), (CAPTION_TASK, "caption")])
 def test_saved_predictions_rescore_as_stage(llava_run, task, scorer, tmp_path):
     """``drape score`` on predictions.jsonl sees every reference, as the evaluate stage did."""
     from drape.scorers import get_scorer, score_corpus
@@ -255,7 +370,7 @@ def test_caption_metrics_mlflow_names(llava_run):
 
     scores = json.loads((llava_run / "results/eval" / CAPTION_TASK / "scores.json").read_text())
     names = caption_metrics_for_mlflow(scores)
-    assert sorted(names) == sorted(f"caption.{metric}.{CAPTION_TASK}" for metric in CAPTION_METRICS)
+    assert sorted(names) == sorted(f"caption.{metric}.{task}" for task in CAPTION_TASKS for metric in CAPTION_METRICS)
     assert names[f"caption.CIDEr.{CAPTION_TASK}"] == scores["corpus_metrics"][CAPTION_TASK]["CIDEr"]
     assert caption_metrics_for_mlflow({"trained": "scienceqa", "scores": {"scienceqa": 50.0}, "timing": {}}) == {}
 
@@ -271,9 +386,11 @@ def test_report_logs_caption_metrics_to_mlflow(llava_run):
     assert sorted(run.data.tags["task"] for run in children) == sorted(TASKS)
     for run in children:
         scores = json.loads((llava_run / "results/eval" / run.data.tags["task"] / "scores.json").read_text())
-        for metric, value in scores["corpus_metrics"][CAPTION_TASK].items():
-            assert run.data.metrics[f"caption.{metric}.{CAPTION_TASK}"] == pytest.approx(value)
-        assert not any(name.startswith("caption.") and not name.endswith(f".{CAPTION_TASK}") for name in run.data.metrics)
+        for task in CAPTION_TASKS:
+            for metric, value in scores["corpus_metrics"][task].items():
+                assert run.data.metrics[f"caption.{metric}.{task}"] == pytest.approx(value)
+        logged = {name.rsplit(".", 1)[1] for name in run.data.metrics if name.startswith("caption.")}
+        assert logged == set(CAPTION_TASKS)
 
 
 def test_metrics_are_finite(llava_run):
