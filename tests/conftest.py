@@ -22,7 +22,8 @@ disable_telemetry()
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PIPELINE_FILES = ("dvc.yaml", "prefect.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", "flows", "drape/encoders.py", "drape/presets")
+# The stages' code dependencies in dvc.yaml are paths under drape/, so the whole package is copied.
+PIPELINE_FILES = ("dvc.yaml", "prefect.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", "flows", "drape")
 
 
 @pytest.fixture(scope="session")

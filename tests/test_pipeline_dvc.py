@@ -95,6 +95,25 @@ def test_second_repro_is_noop(reproduced):
     assert stages_run(again) == []
 
 
+def test_code_change_marks_its_stages(reproduced):
+    repo, _ = reproduced
+    routing = repo / "drape/routing.py"
+    source = routing.read_text()
+    # Byte-compiled files are in .dvcignore, so a Python run does not change the hashes.
+    cache = repo / "drape/scorers/__pycache__/text.cpython-311.pyc"
+    cache.parent.mkdir(exist_ok=True)
+    cache.write_bytes(b"compiled")
+    assert json.loads(dvc(repo, "status", "--json").stdout) == {}
+
+    routing.write_text(source + "\n# edited\n")
+    try:
+        changed = json.loads(dvc(repo, "status", "--json").stdout)
+    finally:
+        routing.write_text(source)
+    assert sorted(changed) == ["evaluate@digits", "evaluate@parity", "prototypes@digits", "prototypes@parity"]
+    assert json.loads(dvc(repo, "status", "--json").stdout) == {}
+
+
 def test_last_task_change_reruns_only_it(reproduced):
     # Runs after the tests above, which read the first reproduction's outputs.
     repo, _ = reproduced
