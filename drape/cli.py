@@ -30,6 +30,10 @@ STAGE_HELP = {
 }
 
 
+class ReportFileError(ValueError):
+    """A report file that cannot be read; the message names the file and how to rebuild it."""
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that describe bad input; the command prints them without a traceback."""
     from drape.config import ConfigError
@@ -48,6 +52,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
         MatrixError,
         UnknownScorerError,
         PredictionFileError,
+        ReportFileError,
         FileNotFoundError,
     )
 
@@ -93,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Re-score saved predictions without running a model. Each line of FILE is a JSON object with "
             "'prediction' and 'answer' or 'answers' (and 'box' for grounding_iou; 'id' and 'instruction' "
-            "are used when present). Prints the score in percent (every metric for the caption scorer) and "
+            "are used when present). An evaluate stage's predictions.jsonl holds every evaluated task, so "
+            "select one with --task. Prints the score in percent (every metric for the caption scorer) and "
             "the number of scored and skipped lines, and names each line it cannot score. Exits with 1 when "
             "any line cannot be scored (with --skip-invalid, only when no line can be), and with 2 when "
             "the file cannot be read or the scorer is unknown."
@@ -101,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("file", type=Path, metavar="FILE", help="the predictions, one JSON object per line")
     score.add_argument("--scorer", required=True, help="the scorer's name, e.g. vqa_accuracy or caption")
+    score.add_argument(
+        "--task",
+        metavar="NAME",
+        help="score only the lines whose 'task' field is NAME (a stream task of predictions.jsonl)",
+    )
     score.add_argument("--json", action="store_true", help="print the result as JSON (metrics in percent)")
     score.add_argument(
         "--skip-invalid",
@@ -182,20 +193,33 @@ def run_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(number: int, noun: str) -> str:
+    """``number`` and ``noun``, plural unless ``number`` is 1 ("1 line", "3 lines")."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def run_score(args: argparse.Namespace) -> int:
     from drape.scorers.rescore import rescore_file
 
-    result = rescore_file(args.scorer, args.file)
+    result = rescore_file(args.scorer, args.file, task=args.task)
     for line_number, reason in result.problems:
         print(f"{args.file}:{line_number}: {reason}", file=sys.stderr)
+    if args.task is None and len(result.tasks) > 1:
+        print(
+            f"drape: warning: {args.file} holds the predictions of {len(result.tasks)} tasks "
+            f"({', '.join(result.tasks)}), scored together; pass --task NAME to score one",
+            file=sys.stderr,
+        )
     percent = {name: 100.0 * value for name, value in result.metrics.items()}
 
     if args.json:
         output = {
             "file": str(args.file),
             "scorer": result.scorer,
+            "task": args.task,
             "scored": result.scored,
             "skipped": len(result.problems),
+            "other_task_lines": result.other_task_lines,
             "metrics": percent,
             "problems": [{"line": line_number, "error": reason} for line_number, reason in result.problems],
         }
@@ -210,7 +234,7 @@ def run_score(args: argparse.Namespace) -> int:
         return 1
     if result.problems and not args.skip_invalid:
         print(
-            f"drape: error: {len(result.problems)} lines of {args.file} could not be scored, so the score "
+            f"drape: error: {_count(len(result.problems), 'line')} of {args.file} could not be scored, so the score "
             "covers only the other lines; fix them, or pass --skip-invalid to accept the partial score",
             file=sys.stderr,
         )
@@ -224,11 +248,24 @@ def run_show(args: argparse.Namespace) -> int:
     metrics_path = args.report / "metrics.json"
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{metrics_path}: no report yet; run the pipeline first (dvc repro)")
+    try:
+        metrics = json.loads(metrics_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ReportFileError(f"{metrics_path}: not valid JSON ({error}); re-run the report stage (dvc repro report)") from None
     print(format_matrix(read_matrix_csv(args.report / "matrix.csv")))
     print()
-    for key, value in json.loads(metrics_path.read_text()).items():
-        # The drift is a ratio, not a percentage, and is usually far below 1.
-        print(f"{key:<18}{value:8.4f}" if key == "projector_drift" else f"{key:<18}{value:8.2f}")
+    width = max(map(len, metrics), default=0) + 2
+    for key, value in metrics.items():
+        if value is None:
+            text = "n/a (needs entries of 2+ tasks)"
+        elif key == "projector_drift":
+            # The drift is a ratio, not a percentage, and is usually far below 1.
+            text = f"{value:.4f}"
+        elif float(value).is_integer() and abs(value) >= 1000:
+            text = f"{int(value):,}"
+        else:
+            text = f"{value:.2f}"
+        print(f"{key:<{width}}{text}")
     return 0
 
 

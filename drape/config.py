@@ -21,6 +21,7 @@ Errors name the key path (``stream.digits.train.epochs``) and the allowed values
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 # Name of the state before the first task: the freshly initialised projector, no
 # prototypes and no null-space constraint.
 INIT_STAGE = "init"
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 class ConfigError(ValueError):
@@ -173,6 +175,13 @@ class PipelineConfig(_Section):
             raise ValueError("the stream needs at least one task")
         previous = INIT_STAGE
         for name, task in stream.items():
+            # Task names become folder names and DVC stage names, and dvc.yaml reads
+            # stream.<name>.train as a dotted path, so they cannot hold '/', '.' or '@'.
+            if not TASK_NAME.fullmatch(name):
+                raise ValueError(
+                    f"stream.{name}: invalid task name {name!r}; use letters, digits, '-' and '_', "
+                    "starting with a letter or digit"
+                )
             if name == INIT_STAGE:
                 raise ValueError(
                     f"stream.{name}: the task name '{INIT_STAGE}' is reserved for the state before the "
@@ -261,7 +270,10 @@ def load_config(path: Path | str = "params.yaml") -> PipelineConfig:
         # YAML 1.2, as DVC reads params.yaml, so ``1e-3`` is a number for both.
         raw = YAML(typ="safe", pure=True).load(text)
     except YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        # ruamel names the text "<unicode string>" and ends duplicate-key errors with how
+        # to turn the check off in its API, which does not apply to params.yaml.
+        detail = str(error).replace('"<unicode string>"', f'"{path}"').split("\nTo suppress this check")[0].strip()
+        raise ConfigError(f"{path}: not valid YAML: {detail}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return parse_config(raw, path)

@@ -50,8 +50,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+
+from drape.files import save_tensors
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -267,8 +269,8 @@ def _atomic_output_dir(out_dir: Path) -> Iterator[Path]:
 def _require_files(model_dir: Path, names: list[str], kind: str) -> None:
     """Raise FileNotFoundError naming the first missing file and how to create the directory."""
     hint = (
-        f"Create it with: python -m drape.encoders {model_dir.parent} --preset embedded "
-        "(or --preset tiny), or call drape.encoders.materialize_models."
+        "In a pipeline repository, run the models stage (dvc repro models, or drape stage models), "
+        f"which builds the preset of params.yaml; elsewhere: python -m drape.encoders {model_dir.parent} --preset NAME."
     )
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{kind} directory {model_dir} does not exist. {hint}")
@@ -640,12 +642,12 @@ def materialize_clip(out_dir: Path, preset: str = "embedded") -> None:
         model.visual.trunk.load_state_dict(trunk_state, strict=True)
 
         head = reference.get_classifier()
-        save_file(
+        save_tensors(
             {"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()},
             str(tmp_dir / IMAGENET_HEAD_FILE),
         )
         state_dict = {key: value.detach().contiguous() for key, value in model.state_dict().items()}
-        save_file(state_dict, str(tmp_dir / CLIP_WEIGHTS_FILE))
+        save_tensors(state_dict, str(tmp_dir / CLIP_WEIGHTS_FILE))
 
         if preset_config.pretrained:
             sources = {

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import logging
 import shutil
 from pathlib import Path
@@ -136,7 +137,9 @@ def build_report(ctx, launcher: str = "dvc", log_to_mlflow: bool = True) -> dict
     staging = paths.report.with_name(paths.report.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    # JSON has no NaN: a metric with no entries to average (BWT of a one-task stream) is null.
+    stored = {key: None if math.isnan(value) else value for key, value in metrics.items()}
+    (staging / "metrics.json").write_text(json.dumps(stored, indent=2, allow_nan=False) + "\n")
     write_matrix_csv(matrix, staging / "matrix.csv")
     plot_heatmap(matrix.values, stream, stream, "Accuracy (%) after each task (row: trained)", staging / "heatmap.png", vmax=100.0)
     plot_heatmap(

@@ -15,11 +15,12 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from drape.benchmarks import BENCHMARK_KIND, task_scorer
 from drape.config import INIT_STAGE, ConfigError, PipelineConfig, load_config
 from drape.distributed import write_on_main_process
+from drape.files import save_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +183,25 @@ def stage_features(ctx: StageContext, task: str) -> None:
     logger.info("task %s features: %s", task, counts)
 
 
+def _check_lora_targets(ctx: StageContext) -> None:
+    """Raise ConfigError when the method's ``target_modules`` name no Linear layer of the LLM.
+
+    peft would otherwise fail only when the first task's adapters are attached.
+    """
+    targets = getattr(ctx.config.method_config, "target_modules", None)
+    if not targets:
+        return
+    names = [name for name, module in ctx.llm.model.named_modules() if isinstance(module, torch.nn.Linear)]
+    # peft matches a target against a module's full name or its trailing dotted components.
+    missing = [target for target in targets if not any(name == target or name.endswith(f".{target}") for name in names)]
+    if missing:
+        suffixes = sorted({name.rsplit(".", 1)[-1] for name in names})
+        raise ConfigError(
+            f"{ctx.config.method}.target_modules: {', '.join(map(repr, missing))} not found among the LLM's "
+            f"Linear layers; use some of: {', '.join(suffixes)}"
+        )
+
+
 def stage_init(ctx: StageContext) -> None:
     """Write the state before the first task: the initial projector, no prototypes.
 
@@ -191,6 +211,7 @@ def stage_init(ctx: StageContext) -> None:
     from drape.presets.llava_models import import_pretrained_projector
     from drape.routing import Prototypes
 
+    _check_lora_targets(ctx)
     state = ctx.new_state()
     if import_pretrained_projector(ctx.manifest, ctx.paths.models, state.projector):
         logger.info("init: projector imported from %s", ctx.manifest["projector"]["path"])
@@ -223,7 +244,7 @@ def stage_train(ctx: StageContext, task: str) -> None:
 
 def _save_prototypes(prototypes, target: Path, statistics: dict | None = None) -> None:
     staging = _staging_dir(target)
-    save_file(prototypes.state_dict(), staging / "prototypes.safetensors")
+    save_tensors(prototypes.state_dict(), staging / "prototypes.safetensors")
     summary = {"tasks": prototypes.tasks, "statistics": statistics or {}}
     (staging / "prototypes.json").write_text(json.dumps(summary, indent=2))
     _replace_dir(staging, target)

@@ -76,7 +76,9 @@ def publish_report(root: Path) -> dict:
         table=rows,
         description="Accuracy (%) on each task's test split (columns) after training each task (rows).",
     )
-    lines = ["| metric | value |", "| --- | --- |", *(f"| {key} | {value:.2f} |" for key, value in metrics.items())]
+    # A metric with no entries to average (BWT of a one-task stream) is null in metrics.json.
+    lines = ["| metric | value |", "| --- | --- |"]
+    lines += [f"| {key} | {'n/a' if value is None else f'{value:.2f}'} |" for key, value in metrics.items()]
     create_markdown_artifact(key="stream-metrics", markdown="\n".join(lines), description="Continual-learning metrics")
     return metrics
 

@@ -259,3 +259,71 @@ def test_train_checkpoint_other_hidden(repo, capsys):
     assert "hidden=32" in error_lines(stderr)[0]
     assert "hidden=64" in error_lines(stderr)[0]
     assert snapshot(TRAIN_RESULTS) == before
+
+
+def test_init_unknown_lora_target(repo, capsys):
+    write_params(repo, small_params(method="seq_lora", seq_lora={"target_modules": ["q_proj", "qq_proj"]}))
+    before = snapshot(TRAIN_RESULTS)
+
+    status, stderr = run_stage(capsys, "init")
+
+    assert status == 2
+    assert "Traceback" not in stderr
+    assert len(error_lines(stderr)) == 1
+    message = error_lines(stderr)[0]
+    assert "seq_lora.target_modules: 'qq_proj' not found among the LLM's Linear layers" in message
+    assert "q_proj" in message.split("use some of:")[1]
+    assert snapshot(TRAIN_RESULTS) == before
+
+
+def test_init_accepts_dotted_lora_target(repo, capsys):
+    write_params(repo, small_params(method="seq_lora", seq_lora={"target_modules": ["self_attn.q_proj"]}))
+
+    status, stderr = run_stage(capsys, "init")
+
+    assert status == 0, stderr
+
+
+# ---------------------------------------------------------------------------
+# Report files read by drape show
+
+
+def show(capsys, report: Path) -> tuple[int, str, str]:
+    capsys.readouterr()
+    status = main(["show", "--report", str(report)])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def write_report(folder: Path, metrics_text: str) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "matrix.csv").write_text("trained,digits\ndigits,50.0000\n")
+    (folder / "metrics.json").write_text(metrics_text)
+    return folder
+
+
+def test_show_corrupt_metrics(tmp_path, capsys):
+    report = write_report(tmp_path / "report", '{"MFN": 50.0,')
+
+    status, _, stderr = show(capsys, report)
+
+    assert status == 2
+    assert "Traceback" not in stderr
+    assert f"drape: error: {report / 'metrics.json'}: not valid JSON" in stderr
+    assert "dvc repro report" in stderr
+
+
+def test_show_aligns_names_and_marks_missing_values(tmp_path, capsys):
+    metrics = {"MFN": 50.0, "BWT": None, "projector_drift": 0.0086, "trainable_parameters_per_task": 2338752.0}
+    report = write_report(tmp_path / "report", json.dumps(metrics))
+
+    status, out, _ = show(capsys, report)
+
+    assert status == 0
+    lines = out.splitlines()[-4:]
+    assert [line.split()[0] for line in lines] == list(metrics)
+    # Every value starts in the same column, after the longest name.
+    assert len({len(line) - len(line[len(line.split()[0]):].lstrip()) for line in lines}) == 1
+    assert lines[1].split(maxsplit=1)[1] == "n/a (needs entries of 2+ tasks)"
+    assert lines[2].split()[1] == "0.0086"
+    assert lines[3].split()[1] == "2,338,752"

@@ -369,6 +369,26 @@ def test_reader_no_usable_record_fails(tmp_path):
         read_benchmark_records(path, tmp_path, skip_invalid=True)
 
 
+def test_reader_accepts_byte_order_mark(coin_root, tmp_path):
+    source = coin_root / "playground/Instructions/ScienceQA/train.json"
+    for name in ("train.json", "train.jsonl"):
+        path = tmp_path / name
+        items = json.loads(source.read_text())
+        text = json.dumps(items) if name.endswith(".json") else "".join(json.dumps(item) + "\n" for item in items)
+        path.write_text(text, encoding="utf-8-sig")
+
+        records = read_benchmark_records(path, coin_root / "cl_dataset")
+
+        assert [record.id for record in records] == ["sqa-0", "sqa-1", "sqa-2", "sqa-3"], name
+
+
+def test_reader_folder_instead_of_file(tmp_path):
+    with pytest.raises(RecordError) as caught:
+        read_benchmark_records(tmp_path, tmp_path)
+
+    assert str(caught.value) == f"{tmp_path}: is a folder, not a record file; set the path of a JSON or JSONL file"
+
+
 def test_reader_invalid_json_list_names_line(tmp_path):
     path = tmp_path / "train.json"
     path.write_text('[\n{"id": "a",\n]')

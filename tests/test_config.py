@@ -242,6 +242,15 @@ def test_reserved_init_name(tmp_path):
     assert "rename the task" in message
 
 
+@pytest.mark.parametrize("name", ["../evil", "a.b", "train@x", "-lead", "with space"])
+def test_invalid_task_name(tmp_path, name):
+    stream = {name: small_task("digits-classify", INIT_STAGE)}
+
+    message = load_error(tmp_path, small_params(stream=stream))
+
+    assert f"invalid task name {name!r}; use letters, digits, '-' and '_'" in message
+
+
 def test_empty_stream(tmp_path):
     params = small_params()
     params["stream"] = {}
@@ -267,6 +276,15 @@ def test_invalid_yaml(tmp_path):
 
     assert message.startswith(f"{tmp_path / 'params.yaml'}: not valid YAML:")
     assert "line" in message
+    assert "<unicode string>" not in message
+
+
+def test_duplicate_key_names_file(tmp_path):
+    message = error_for_text(tmp_path, "seed: 0\nseed: 1\n")
+
+    assert 'found duplicate key "seed"' in message
+    assert f'in "{tmp_path / "params.yaml"}", line 2' in message
+    assert "suppress" not in message
 
 
 def test_missing_file(tmp_path):

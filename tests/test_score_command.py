@@ -71,7 +71,7 @@ def test_score_names_every_bad_line_and_exits_1(tmp_path, capsys):
     errors = captured.err.splitlines()
     assert errors[0].startswith(f"{path}:2: invalid JSON")
     assert errors[1] == f"{path}:3: missing 'prediction'"
-    assert errors[2] == f"{path}:4: missing 'answer' or 'answers'"
+    assert errors[2] == f"{path}:4: missing 'answer', 'answers' or 'box'"
     assert errors[3].startswith(f"{path}:6: 'answers' must be a non-empty list")
     assert errors[4] == f"{path}:7: 'prediction' must be a string, got int"
     assert errors[5] == f"{path}:8: expected a JSON object, got list"
@@ -160,7 +160,7 @@ def test_score_unknown_scorer_lists_names(tmp_path, capsys):
     assert main(["score", "--scorer", "bleu", str(path)]) == 2
 
     err = capsys.readouterr().err
-    assert "drape: error: Unknown scorer 'bleu'; known scorers: caption, choice_letter" in err
+    assert "drape: error: unknown scorer 'bleu'; known scorers: caption, choice_letter" in err
 
 
 def test_score_missing_file(tmp_path, capsys):
@@ -200,3 +200,71 @@ def test_score_reads_evaluate_stage_output(tmp_path, capsys):
 
     assert main(["score", "--scorer", "choice_letter", str(path)]) == 0
     assert capsys.readouterr().out.split()[:2] == ["choice_letter", "100.00"]
+
+
+STAGE_ROWS = [
+    {"task": "digits", "id": "d-0", "instruction": "Which digit?", "prediction": "7", "answer": "7"},
+    {"task": "shape", "id": "s-0", "instruction": "A. circle B. square", "prediction": "B", "answer": "B"},
+    {"task": "shape", "id": "s-1", "instruction": "A. circle B. square", "prediction": "B", "answer": "A"},
+]
+
+
+def test_score_task_selects_its_lines(tmp_path, capsys):
+    path = write_lines(tmp_path / "predictions.jsonl", STAGE_ROWS)
+
+    assert main(["score", "--scorer", "choice_letter", "--task", "shape", "--json", str(path)]) == 0
+
+    captured = capsys.readouterr()
+    output = json.loads(captured.out)
+    assert output["metrics"] == {"choice_letter": 50.0}
+    assert output["scored"] == 2
+    assert output["other_task_lines"] == 1
+    assert output["task"] == "shape"
+    assert "warning" not in captured.err
+
+
+def test_score_several_tasks_warns(tmp_path, capsys):
+    path = write_lines(tmp_path / "predictions.jsonl", STAGE_ROWS)
+
+    assert main(["score", "--scorer", "exact_match", str(path)]) == 0
+
+    err = capsys.readouterr().err
+    assert "holds the predictions of 2 tasks (digits, shape)" in err
+    assert "--task NAME" in err
+
+
+def test_score_unknown_task_lists_tasks(tmp_path, capsys):
+    path = write_lines(tmp_path / "predictions.jsonl", STAGE_ROWS)
+
+    assert main(["score", "--scorer", "exact_match", "--task", "color", str(path)]) == 2
+
+    err = capsys.readouterr().err
+    assert f"drape: error: {path}: no line has task 'color'; the file's tasks: digits, shape" in err
+
+
+def test_score_task_line_without_task_field(tmp_path, capsys):
+    path = write_lines(tmp_path / "predictions.jsonl", [STAGE_ROWS[1], {"prediction": "B", "answer": "B"}])
+
+    assert main(["score", "--scorer", "choice_letter", "--task", "shape", str(path)]) == 1
+
+    err = capsys.readouterr().err
+    assert f"{path}:2: missing 'task', so the line cannot be matched to --task shape" in err
+    assert "1 line of" in err
+
+
+def test_score_accepts_byte_order_mark(tmp_path, capsys):
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in VQA_LINES), encoding="utf-8-sig")
+
+    assert main(["score", "--scorer", "vqa_accuracy", str(path)]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == "lines scored: 4, skipped: 0"
+
+
+def test_score_grounding_box_without_answer(tmp_path, capsys):
+    path = write_lines(tmp_path / "predictions.jsonl", [
+        {"prediction": "[0.1, 0.2, 0.5, 0.6]", "box": [0.1, 0.2, 0.5, 0.6]},
+        {"prediction": "[0.6, 0.6, 0.9, 0.9]", "box": [0, 0, 0.5, 0.5]},
+    ])
+
+    assert main(["score", "--scorer", "grounding_iou", str(path)]) == 0
+    assert capsys.readouterr().out.split()[:2] == ["grounding_iou", "50.00"]

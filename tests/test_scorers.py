@@ -168,8 +168,13 @@ def test_choice_letter(prediction, answer, expected):
 
 
 def test_choice_letter_rejects_non_letter_answer():
-    with pytest.raises(ValueError, match="not a letter A-E"):
+    with pytest.raises(ValueError, match="not a letter A-E; score this task with exact_match instead"):
         choice_letter("B", make_record("bag"))
+
+
+def test_choice_letter_suggests_yes_no_for_yes_no_answer():
+    with pytest.raises(ValueError, match="score this task with yes_no instead"):
+        choice_letter("yes", make_record("Yes"))
 
 
 def test_scorers_registry_lists_every_scorer():
@@ -188,7 +193,7 @@ def test_scorers_registry_lists_every_scorer():
 
 def test_get_scorer_unknown_name_lists_known():
     known = "caption, choice_letter, exact_match, grounding_iou, substring_match, vqa_accuracy, yes_no"
-    with pytest.raises(UnknownScorerError, match=f"Unknown scorer 'bleu'; known scorers: {known}"):
+    with pytest.raises(UnknownScorerError, match=f"unknown scorer 'bleu'; known scorers: {known}"):
         get_scorer("bleu")
 
 

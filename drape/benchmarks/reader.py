@@ -81,7 +81,8 @@ class BenchmarkRecordError(RecordError):
         more = len(problems) - MAX_LISTED_PROBLEMS
         tail = f"\n  ... and {more} more (the log lists every one)" if more > 0 else ""
         super().__init__(
-            f"{path}: {len(problems)} records cannot be used; fix them, or set skip_invalid: true "
+            f"{path}: {len(problems)} {'record' if len(problems) == 1 else 'records'} cannot be used; "
+            "fix them, or set skip_invalid: true "
             f"to leave them out:\n{listed}{tail}"
         )
 
@@ -102,10 +103,12 @@ class _RawItem:
 
 def _load_items(path: Path) -> list[_RawItem]:
     """Parse a JSON list or JSONL file; a JSONL line that is not valid JSON becomes an item with json_error."""
+    if path.is_dir():
+        raise RecordError(f"{path}: is a folder, not a record file; set the path of a JSON or JSONL file")
     if not path.is_file():
         raise RecordError(f"{path}: record file not found; check the path")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise RecordError(f"{path}: not valid UTF-8 ({error}); save the file as UTF-8 JSON") from None
     if not text.strip():

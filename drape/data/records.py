@@ -256,7 +256,7 @@ def read_records(path: Path, image_root: Path | None = None, check_images: bool 
     if not path.is_file():
         raise RecordError(f"{path}: record file not found; check the path")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise RecordError(f"{path}: not valid UTF-8 ({error}); save the file as UTF-8 JSON") from error
 

@@ -28,9 +28,10 @@ from typing import ClassVar
 
 import torch
 from pydantic import BaseModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from drape.files import save_tensors
 from drape.methods.drape.model import Projector
 from drape.nullspace import NullSpaceProjector
 
@@ -181,10 +182,10 @@ class ContinualMethod(nn.Module):
         staging = out_dir.with_name(out_dir.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        save_file({k: v.detach().contiguous() for k, v in self.projector.state_dict().items()}, staging / "projector.safetensors")
-        save_file({k: v.detach().contiguous() for k, v in self.stored_tensors().items()}, staging / "parameters.safetensors")
+        save_tensors({k: v.detach().contiguous() for k, v in self.projector.state_dict().items()}, staging / "projector.safetensors")
+        save_tensors({k: v.detach().contiguous() for k, v in self.stored_tensors().items()}, staging / "parameters.safetensors")
         if self.nullspace is not None:
-            save_file(self.nullspace.state_dict(), staging / "nullspace.safetensors")
+            save_tensors(self.nullspace.state_dict(), staging / "nullspace.safetensors")
         state = {"fingerprint": self.fingerprint(), "tasks": self.tasks}
         (staging / STATE_FILE).write_text(json.dumps(state, indent=2))
         for name, text in (extra_files or {}).items():

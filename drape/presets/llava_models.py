@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
+from drape.files import save_tensors
 from drape.methods.drape.model import Projector
 from drape.presets.llava import (
     LlavaSpec,
@@ -322,7 +322,7 @@ def _write_scaled(models_dir: Path, spec: LlavaSpec) -> dict:
         })
     with _atomic_output_dir(models_dir / "clip") as tmp_dir:
         state = {key: value.detach().contiguous() for key, value in clip.state_dict().items()}
-        save_file(state, str(tmp_dir / CLIP_WEIGHTS_FILE))
+        save_tensors(state, str(tmp_dir / CLIP_WEIGHTS_FILE))
         _write_json(tmp_dir / METADATA_FILE, {
             "preset": "llava-7b-scaled", "name": "llava-7b-scaled-vit-random", "pretrained": False, "source": source,
         })

@@ -77,7 +77,7 @@ def get_scorer(name: str) -> Scorer:
     try:
         return SCORERS[name]
     except KeyError:
-        raise UnknownScorerError(f"Unknown scorer {name!r}; known scorers: {', '.join(sorted(SCORERS))}") from None
+        raise UnknownScorerError(f"unknown scorer {name!r}; known scorers: {', '.join(sorted(SCORERS))}") from None
 
 
 def score_corpus(name: str, predictions: Sequence[str], records: Sequence[Record]) -> dict[str, float]:

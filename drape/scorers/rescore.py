@@ -37,6 +37,10 @@ class RescoreResult:
     scored: int
     # (line number, reason) of every line that could not be scored.
     problems: list[tuple[int, str]] = field(default_factory=list)
+    # The distinct values of the lines' 'task' field, in order of appearance.
+    tasks: list[str] = field(default_factory=list)
+    # Lines left out because their 'task' is not the requested one.
+    other_task_lines: int = 0
 
 
 def _line_to_record(raw: Any, line_number: int) -> tuple[str, Record]:
@@ -54,14 +58,6 @@ def _line_to_record(raw: Any, line_number: int) -> tuple[str, Record]:
         not isinstance(answers, list) or not answers or not all(isinstance(item, str) and item.strip() for item in answers)
     ):
         raise ValueError(f"'answers' must be a non-empty list of non-empty strings, got {answers!r}")
-    answer = raw.get("answer")
-    if answer is None and answers is None:
-        raise ValueError("missing 'answer' or 'answers'")
-    if answer is None:
-        answer = answers[0]
-    if not isinstance(answer, str) or not answer.strip():
-        raise ValueError(f"'answer' must be a non-empty string, got {answer!r}")
-
     box = raw.get("box")
     if box is not None:
         if (
@@ -72,6 +68,15 @@ def _line_to_record(raw: Any, line_number: int) -> tuple[str, Record]:
         ):
             raise ValueError(f"'box' must be a list of four finite numbers [x1, y1, x2, y2], got {box!r}")
         box = tuple(float(value) for value in box)
+
+    answer = raw.get("answer")
+    if answer is None and answers is None and box is None:
+        raise ValueError("missing 'answer', 'answers' or 'box'")
+    if answer is None:
+        # A grounding line may give its reference as 'box' alone.
+        answer = answers[0] if answers is not None else "[" + ", ".join(f"{value:g}" for value in box) + "]"
+    if not isinstance(answer, str) or not answer.strip():
+        raise ValueError(f"'answer' must be a non-empty string, got {answer!r}")
 
     instruction = raw.get("instruction")
     if not isinstance(instruction, str) or not instruction.strip():
@@ -91,41 +96,70 @@ def _line_to_record(raw: Any, line_number: int) -> tuple[str, Record]:
     return prediction, record
 
 
-def read_prediction_lines(path: Path) -> tuple[list[tuple[int, str, Record]], list[tuple[int, str]]]:
-    """Read a prediction file into (line number, prediction, record) rows and (line number, reason) problems.
+@dataclass
+class PredictionLines:
+    """The lines of a prediction file, parsed."""
 
-    Raises PredictionFileError when the file is not UTF-8 or has no non-blank
-    line, and FileNotFoundError when it does not exist.
+    rows: list[tuple[int, str, Record]]
+    """(line number, prediction, record) of every usable line."""
+    problems: list[tuple[int, str]]
+    """(line number, reason) of every line that cannot be used."""
+    tasks: list[str]
+    """The distinct values of the lines' 'task' field, in order of appearance."""
+    other_task_lines: int = 0
+    """Lines left out because their 'task' is not the requested one."""
+
+
+def read_prediction_lines(path: Path, task: str | None = None) -> PredictionLines:
+    """Read a prediction file, keeping only the lines of ``task`` when it is given.
+
+    With ``task``, a line whose 'task' field is another task is left out and counted,
+    and a line without the field is a problem. Raises PredictionFileError when the file
+    is not UTF-8 or has no non-blank line, and FileNotFoundError when it does not exist.
+    A UTF-8 byte order mark is accepted.
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise PredictionFileError(f"{path}: not valid UTF-8 ({error}); save the file as UTF-8 JSONL") from error
 
-    rows, problems = [], []
+    lines = PredictionLines(rows=[], problems=[], tasks=[])
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             raw = json.loads(line)
         except json.JSONDecodeError as error:
-            problems.append((line_number, f"invalid JSON ({error.msg}, column {error.colno})"))
+            lines.problems.append((line_number, f"invalid JSON ({error.msg}, column {error.colno})"))
             continue
+        line_task = raw.get("task") if isinstance(raw, dict) else None
+        if isinstance(line_task, str) and line_task not in lines.tasks:
+            lines.tasks.append(line_task)
+        if task is not None and isinstance(raw, dict):
+            if "task" not in raw:
+                lines.problems.append((line_number, f"missing 'task', so the line cannot be matched to --task {task}"))
+                continue
+            if line_task != task:
+                lines.other_task_lines += 1
+                continue
         try:
             prediction, record = _line_to_record(raw, line_number)
         except ValueError as error:
-            problems.append((line_number, str(error)))
+            lines.problems.append((line_number, str(error)))
             continue
-        rows.append((line_number, prediction, record))
+        lines.rows.append((line_number, prediction, record))
 
-    if not rows and not problems:
+    if not lines.rows and not lines.problems and not lines.other_task_lines:
         raise PredictionFileError(f"{path}: no predictions found; write one JSON object per line")
-    return rows, problems
+    if task is not None and not lines.rows and not lines.problems:
+        known = ", ".join(lines.tasks) or "none"
+        raise PredictionFileError(f"{path}: no line has task {task!r}; the file's tasks: {known}")
+    return lines
 
 
-def rescore_file(name: str, path: Path) -> RescoreResult:
-    """Score every usable line of a prediction file with scorer `name`.
+def rescore_file(name: str, path: Path, task: str | None = None) -> RescoreResult:
+    """Score every usable line of a prediction file with scorer `name` (only ``task``'s lines when given).
 
     A line that the scorer rejects (for example a reference that is not an
     option letter for choice_letter, or no valid reference box for
@@ -134,7 +168,8 @@ def rescore_file(name: str, path: Path) -> RescoreResult:
     UnknownScorerError for an unknown name.
     """
     scorer = get_scorer(name)
-    rows, problems = read_prediction_lines(path)
+    lines = read_prediction_lines(path, task)
+    rows, problems = lines.rows, lines.problems
 
     usable: list[tuple[str, Record]] = []
     values: list[float] = []
@@ -154,4 +189,11 @@ def rescore_file(name: str, path: Path) -> RescoreResult:
         metrics = score_corpus(name, [prediction for prediction, _ in usable], [record for _, record in usable])
     elif usable:
         metrics = {name: sum(values) / len(values)}
-    return RescoreResult(scorer=name, metrics=metrics, scored=len(usable), problems=problems)
+    return RescoreResult(
+        scorer=name,
+        metrics=metrics,
+        scored=len(usable),
+        problems=problems,
+        tasks=lines.tasks,
+        other_task_lines=lines.other_task_lines,
+    )

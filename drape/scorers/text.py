@@ -120,7 +120,7 @@ def choice_letter(prediction: str, record: Record) -> float:
     if len(expected) != 1 or expected not in _CHOICE_LETTERS:
         raise ValueError(
             f"choice_letter scorer: record {record.id!r} has answer {record.answer!r}, not a letter A-E; "
-            "score this task with exact_match instead"
+            f"score this task with {'yes_no' if normalize_answer(record.answer) in ('yes', 'no') else 'exact_match'} instead"
         )
     return float(extract_choice_letter(prediction, record.instruction) == expected)
 
