@@ -109,6 +109,9 @@ class TaskTrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     max_steps: int | None = Field(None, ge=1)
     """Stops training after this many optimizer steps (None: run all epochs)."""
+    max_grad_norm: float | None = Field(None, gt=0)
+    """Clips the total L2 norm of the trainable parameters' gradient to this value before
+    each step, as LLaVA's training does with 1.0 (None: no clipping)."""
 
 
 class TaskConfig(_Section):

@@ -169,6 +169,9 @@ def _run_steps(state, llm, task, features, settings, seed, accelerator, groups, 
         if extra is not None:
             log.regularizer.append(float(extra.detach()))
         log.gradient_norms.append(_gradient_norm(parameters))
+        if settings.max_grad_norm is not None:
+            # After the sum over processes, so every process clips the same gradient.
+            torch.nn.utils.clip_grad_norm_([p for p in parameters if p.grad is not None], settings.max_grad_norm)
 
         model.before_optimizer_step()
         optimizer.step()

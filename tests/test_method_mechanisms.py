@@ -195,3 +195,27 @@ def test_only_oracle_reads_task_label(variant, dims, llm):
         assert labelled_b == ["b"] * len(test)
     else:
         assert labelled_a == labelled_b
+
+
+# ----- Training loop --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1e-3])
+def test_gradient_clipped_before_step(dims, llm, monkeypatch, max_grad_norm):
+    method = build("drape", dims, llm)
+    seen = []
+
+    def record_norm():
+        grads = [p.grad for p in method.parameters() if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+    monkeypatch.setattr(method, "before_optimizer_step", record_norm)
+    settings = TaskTrainConfig(epochs=100, batch_size=4, generator_lr=1e-2, projector_lr=1e-3, max_steps=3, max_grad_norm=max_grad_norm)
+    log = train_task(method, llm, "a", features_of(TASK_A), settings, seed=0)
+
+    assert len(seen) == 3
+    assert all(norm > 1e-3 for norm in log.gradient_norms)
+    if max_grad_norm is None:
+        assert seen == pytest.approx(log.gradient_norms, rel=1e-5)
+    else:
+        assert seen == pytest.approx([max_grad_norm] * 3, rel=1e-4)
