@@ -89,6 +89,23 @@ def plot_heatmap(
     plt.close(figure)
 
 
+def heatmap_title(config) -> str:
+    """The accuracy heatmap's title, naming the caption tasks whose entries are a caption metric."""
+    from drape.benchmarks import task_scorer
+    from drape.scorers import CORPUS_SCORERS
+
+    captions = [name for name, task in config.stream.items() if task_scorer(task.data) in CORPUS_SCORERS]
+    if not captions:
+        return "Accuracy (%) after each task (row: trained)"
+    return f"Score after each task (row: trained); {', '.join(captions)}: {config.evaluate.caption_metric} x 100"
+
+
+def score_scale(values: np.ndarray) -> float:
+    """Top of the heatmap's colour scale: 100, or the largest entry above it (CIDEr x 100 can exceed 100)."""
+    finite = values[np.isfinite(values)]
+    return max(100.0, float(finite.max())) if finite.size else 100.0
+
+
 def projector_drift(ctx, first: str, last: str) -> float:
     """Relative change of the projector's output on the first task's training features between
     the end of the first task and the end of the stream."""
@@ -141,7 +158,7 @@ def build_report(ctx, launcher: str = "dvc", log_to_mlflow: bool = True) -> dict
     stored = {key: None if math.isnan(value) else value for key, value in metrics.items()}
     (staging / "metrics.json").write_text(json.dumps(stored, indent=2, allow_nan=False) + "\n")
     write_matrix_csv(matrix, staging / "matrix.csv")
-    plot_heatmap(matrix.values, stream, stream, "Accuracy (%) after each task (row: trained)", staging / "heatmap.png", vmax=100.0)
+    plot_heatmap(matrix.values, stream, stream, heatmap_title(ctx.config), staging / "heatmap.png", vmax=score_scale(matrix.values))
     plot_heatmap(
         confusion.astype(float), stream, stream, "Routing after the last task (row: true task)", staging / "routing_confusion.png"
     )

@@ -227,6 +227,12 @@ def stage_train(ctx: StageContext, task: str) -> None:
     settings = ctx.config.task(task)
     state = ctx.load_state(settings.after)
     features = ctx.features(task, "train")
+    if settings.train.batch_size > len(features):
+        logger.warning(
+            "stream.%s.train.batch_size is %d but the task has %d training samples; every step "
+            "takes all %d, so an epoch is one step",
+            task, settings.train.batch_size, len(features), len(features),
+        )
     steps = None
     if getattr(state, "trains_on_seen_tasks", False):
         # The joint reference trains on every task seen so far, for the new task's step budget.

@@ -9,6 +9,7 @@ and line or the key. Its output folder must be absent or unchanged afterwards.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -327,3 +328,15 @@ def test_show_aligns_names_and_marks_missing_values(tmp_path, capsys):
     assert lines[1].split(maxsplit=1)[1] == "n/a (needs entries of 2+ tasks)"
     assert lines[2].split()[1] == "0.0086"
     assert lines[3].split()[1] == "2,338,752"
+
+
+def test_train_batch_larger_than_task_warns(repo, capsys, caplog):
+    params = small_params()
+    params["stream"]["digits"]["train"]["batch_size"] = 64
+    write_params(repo, params)
+
+    with caplog.at_level(logging.WARNING, logger="drape.stages"):
+        status, stderr = run_stage(capsys, "train", "--task", "digits")
+
+    assert status == 0, stderr
+    assert "stream.digits.train.batch_size is 64 but the task has 8 training samples" in caplog.text

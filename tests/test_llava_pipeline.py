@@ -317,6 +317,14 @@ def test_caption_entry_is_corpus_cider(llava_run, caption_task):
         assert matrix.values[row, column] == pytest.approx(expected["CIDEr"], abs=1e-4)
 
 
+def test_heatmap_title_names_caption_tasks(llava_run):
+    from drape.config import load_config
+    from drape.report import heatmap_title
+
+    title = heatmap_title(load_config(llava_run / "params.yaml"))
+    assert title.endswith("vizwiz-caption, flickr30k: CIDEr x 100")
+
+
 def test_caption_sample_score_is_rouge_l(llava_run):
     records = {record.id: record for record in read_records(llava_run / "data/stream" / CAPTION_TASK / "test.jsonl", check_images=False)}
     for item in saved_predictions(llava_run, CAPTION_TASK, CAPTION_TASK):

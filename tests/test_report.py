@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 
+import numpy as np
 import pytest
 
 from conftest import input_stages, make_pipeline_repo, run_stages, small_params, small_task, stream_stages
@@ -49,3 +51,20 @@ def test_checkpoints_follow_umask(one_task_repo):
     assert files
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [([[50.0, 130.5], [math.nan, 20.0]], 130.5), ([[50.0]], 100.0), ([[math.nan]], 100.0)],
+)
+def test_heatmap_scale_covers_caption_scores(values, expected):
+    from drape.report import score_scale
+
+    assert score_scale(np.array(values)) == expected
+
+
+def test_heatmap_title_without_caption_tasks(one_task_repo):
+    from drape.config import load_config
+    from drape.report import heatmap_title
+
+    assert heatmap_title(load_config(one_task_repo / "params.yaml")) == "Accuracy (%) after each task (row: trained)"
