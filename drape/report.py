@@ -90,7 +90,7 @@ def plot_heatmap(
 
 
 def heatmap_title(config) -> str:
-    """The accuracy heatmap's title, naming the caption tasks whose entries are a caption metric."""
+    """Return the accuracy heatmap's title, which names the caption tasks and their metric."""
     from drape.benchmarks import task_scorer
     from drape.scorers import CORPUS_SCORERS
 
@@ -101,7 +101,7 @@ def heatmap_title(config) -> str:
 
 
 def score_scale(values: np.ndarray) -> float:
-    """Top of the heatmap's colour scale: 100, or the largest entry above it (CIDEr x 100 can exceed 100)."""
+    """Return the top of the heatmap's colour scale: 100, or the largest entry above it (CIDEr x 100 can exceed 100)."""
     finite = values[np.isfinite(values)]
     return max(100.0, float(finite.max())) if finite.size else 100.0
 
