@@ -120,7 +120,7 @@ def write_coin(root: Path) -> None:
         conversation("vw-0", "VizWiz/train/VizWiz_train_00000000.jpg", f"<image>\n{vizwiz}", "unanswerable"),
         conversation("vw-1", "VizWiz/train/VizWiz_train_00000001.jpg", f"<image>\n{vizwiz}", "soup"),
     ])
-    # VizWiz's annotations are objects with the answer and the annotator's confidence.
+    # VizWiz annotations are objects with an annotator's response and confidence.
     write_json(instructions / "VizWiz" / "test.json", [
         question("vw-t0", "VizWiz/train/VizWiz_train_00000002.jpg", vizwiz, answers=[
             {"answer": "unanswerable", "answer_confidence": "yes"}, {"answer": "unanswerable", "answer_confidence": "maybe"},
@@ -347,7 +347,7 @@ def test_non_caption_outputs_lack_corpus_fields(llava_run):
 
 @pytest.mark.parametrize(("task", "scorer"), [("textvqa", "vqa_accuracy"), ("vizwiz", "vqa_accuracy"), (CAPTION_TASK, "caption")])
 def test_saved_predictions_rescore_as_stage(llava_run, task, scorer, tmp_path):
-    """``drape score`` on predictions.jsonl sees every reference, as the evaluate stage did."""
+    """``drape score`` on predictions.jsonl scores against every reference, as the evaluate stage does."""
     from drape.scorers import get_scorer, score_corpus
     from drape.scorers.rescore import rescore_file
 

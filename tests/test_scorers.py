@@ -172,7 +172,7 @@ def test_choice_letter_rejects_non_letter_answer():
         choice_letter("B", make_record("bag"))
 
 
-def test_choice_letter_suggests_yes_no_for_yes_no_answer():
+def test_choice_letter_hints_yes_no_scorer():
     with pytest.raises(ValueError, match="score this task with yes_no instead"):
         choice_letter("yes", make_record("Yes"))
 
